@@ -1,0 +1,36 @@
+# Every target creates .venv (python -m venv) when it is missing and installs the project with its
+# dev extra into it; the install is redone only when pyproject.toml changes.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.echotune-installed
+DEMO   := .cache/demo
+
+.PHONY: demo test test-all bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Data demo on the embedded default: synthetic EchoNet-format videos -> shards -> inspection.
+demo: $(STAMP)
+	test -f $(DEMO)/echonet/FileList.csv || $(PY) -m trainables.data.synthetic --out $(DEMO)/echonet --videos 48 --seed 0
+	$(PY) -m trainables.data.shard --echonet-root $(DEMO)/echonet --out $(DEMO)/shards
+	$(PY) -m trainables.data.inspect $(DEMO)/shards --split val --png results/demo-data
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-all: $(STAMP)
+	$(PY) -m pytest -m ''
+
+bench: $(STAMP)
+	$(PY) bench/loader.py
+
+bench-quick: $(STAMP)
+	$(PY) bench/loader.py --quick
+
+clean:
+	rm -rf $(DEMO) results/demo-data

@@ -1,0 +1,95 @@
+"""Shared fixtures: a real S3 server on 127.0.0.1 (moto's server mode) and synthetic EchoNet data."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+# Dummy credentials: moto accepts any; the metadata flag stops SDK probes of the EC2 endpoint.
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+os.environ.pop("AWS_ENDPOINT_URL", None)
+os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """URL of a moto S3 server started for this test session (a subprocess on a free port)."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"moto server did not start on {url}; see {log.name}")
+            time.sleep(0.2)
+    yield url
+    proc.terminate()  # moto has been seen to ignore SIGTERM for seconds (DATA.md §3.1)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture
+def bucket(s3_endpoint):
+    """A fresh, empty bucket; returns its s3:// URI."""
+    import s3fs
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True).mkdir(name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small synthetic EchoNet-format root with every defect; returns (path, {file_name: defect})."""
+    from trainables.data.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("echonet")
+    defects = write_synthetic(root, n_videos=12, seed=7, defects=True, max_frames=70)
+    return root, defects
+
+
+@pytest.fixture(scope="session")
+def s3_shards(s3_endpoint, synthetic_root):
+    """The synthetic root sharded onto the loopback S3 server: (uri, manifest)."""
+    import s3fs
+
+    from trainables.data.shard import write_shards
+
+    s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True).mkdir("session-shards")
+    uri = "s3://session-shards/echonet/v1"
+    manifest = write_shards(synthetic_root[0], uri, rows_per_file=3, row_group_size=2, s3_endpoint=s3_endpoint)
+    return uri, manifest
