@@ -50,16 +50,25 @@ def export_npz(ds: EchoClipDataset, path: str) -> int:
     return len(items)
 
 
-def draw_landmarks(frame: np.ndarray, points: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
-    """Magnified BGR copy of a grey frame with the open 40-point contour drawn on it."""
-    big = cv2.cvtColor(cv2.resize(frame, None, fx=SCALE, fy=SCALE, interpolation=cv2.INTER_NEAREST),
-                       cv2.COLOR_GRAY2BGR)
-    # Pixel centres are integer coordinates: centre of pixel x spans [x*S, (x+1)*S) once magnified.
+def magnify(frame: np.ndarray) -> np.ndarray:
+    """A grey 112-px frame as a BGR image SCALE times larger (nearest neighbour)."""
+    return cv2.cvtColor(cv2.resize(frame, None, fx=SCALE, fy=SCALE, interpolation=cv2.INTER_NEAREST),
+                        cv2.COLOR_GRAY2BGR)
+
+
+def draw_points(big: np.ndarray, points: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """Draw the open 40-point contour (normalised coordinates) on a magnified image, in place."""
+    # Pixel centres are integer coordinates: pixel x spans [x*S, (x+1)*S) once magnified.
     px = np.round((points * 112 + 0.5) * SCALE).astype(np.int32)
     cv2.polylines(big, [px], False, colour, 1, cv2.LINE_AA)
     for k, (x, y) in enumerate(px):
         cv2.circle(big, (int(x), int(y)), 3 if k in (0, 39) else 2, colour, -1, cv2.LINE_AA)
     return big
+
+
+def draw_landmarks(frame: np.ndarray, points: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+    """Magnified BGR copy of a grey frame with the landmarks drawn on it."""
+    return draw_points(magnify(frame), points, colour)
 
 
 def write_pngs(ds: EchoClipDataset, out: Path, n: int = 4) -> list[Path]:

@@ -54,3 +54,21 @@ def describe(uri: str, endpoint: str | None = None) -> str:
 def storage_error(uri: str, endpoint: str | None, exc: BaseException, action: str) -> StorageError:
     return StorageError(f"cannot {action} {describe(uri, endpoint)}: {type(exc).__name__}: {exc}. "
                         f"Check the URI, --s3-endpoint / AWS_ENDPOINT_URL and your credentials.")
+
+
+def pyarrow_fs(uri: str, endpoint: str | None = None):
+    """(pyarrow S3FileSystem, bucket/path) for an s3:// URI with a custom endpoint, else None.
+
+    Ray's storage_path resolves plain s3:// URIs itself but ignores AWS_ENDPOINT_URL, so an
+    S3-compatible endpoint is passed as a filesystem object (RAY.md §1.5, DATA.md §1.1).
+    """
+    ep = s3_endpoint(endpoint)
+    if not (str(uri).startswith("s3://") and ep):
+        return None
+    import pyarrow.fs as pafs
+
+    scheme, _, host = ep.partition("://")
+    fs = pafs.S3FileSystem(endpoint_override=host.rstrip("/"), scheme=scheme or "https",
+                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=5),
+                           request_timeout=30, connect_timeout=5)
+    return fs, str(uri)[len("s3://"):].rstrip("/")
