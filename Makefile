@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.echotune-installed
 DEMO   := .cache/demo
 
-.PHONY: demo test test-all bench bench-quick clean
+.PHONY: demo data-demo test test-all bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,8 +14,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Data demo on the embedded default: synthetic EchoNet-format videos -> shards -> inspection.
+# The search on its embedded default (no GPU, no EchoNet, no weights): synthetic EchoNet-format
+# data, the tiny pretrained-on-synthetic encoder, a short schedule; leaves a Pareto front.
 demo: $(STAMP)
+	$(PY) -m search.run --space selective_ft
+
+# The data path alone: synthetic videos -> shards -> inspection PNGs.
+data-demo: $(STAMP)
 	test -f $(DEMO)/echonet/FileList.csv || $(PY) -m trainables.data.synthetic --out $(DEMO)/echonet --videos 48 --seed 0
 	$(PY) -m trainables.data.shard --echonet-root $(DEMO)/echonet --out $(DEMO)/shards
 	$(PY) -m trainables.data.inspect $(DEMO)/shards --split val --png results/demo-data
@@ -28,9 +33,11 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/loader.py
+	$(PY) bench/step.py
 
 bench-quick: $(STAMP)
 	$(PY) bench/loader.py --quick
+	$(PY) bench/step.py --quick
 
 clean:
 	rm -rf $(DEMO) results/demo-data

@@ -24,7 +24,7 @@ from trainables.data.synthetic import write_synthetic
 from trainables.loop import lr_factor
 from trainables.metrics import point_error_px
 
-EPOCH_LINE = re.compile(r"\[epoch (\d+)\] (.*)")
+EPOCH_LINE = re.compile(r"\[epoch (\d+)/\d+\] (.*)")
 REPORTED = ("epoch", "train_loss", "val_px_error", "val_px_error_ed", "val_px_error_es", "val_pct_error",
             "val_dice_ed", "val_dice_es", "val_ef_mae", "trainable_params", "total_params", "samples_per_s")
 
@@ -112,11 +112,12 @@ def test_ddp_trial_reports_checkpoints_resumes_and_evaluates(trainer_data, s3_en
     second = start_trial(cfg_path, tmp_path / "second.log")
     assert second.wait(600) == 0, (tmp_path / "second.log").read_text()[-4000:]
     log2 = (tmp_path / "second.log").read_text()
-    assert epochs_in(log2) == list(range(max(saved), cfg.epochs)), log2[-3000:]  # continues at the next epoch
+    # `epoch` counts completed epochs; the restarted run continues with the next one.
+    assert epochs_in(log2) == list(range(max(saved) + 1, cfg.epochs + 1)), log2[-3000:]
 
     result = json.loads(log2.strip().splitlines()[-1])
     metrics = result["metrics"]
-    assert metrics["epoch"] == cfg.epochs - 1 and set(REPORTED) <= set(metrics)
+    assert metrics["epoch"] == cfg.epochs and set(REPORTED) <= set(metrics)
     assert {"lr/stage2", "lr/head"} == {k for k in metrics if k.startswith("lr/")}  # k=2: blocks 2-3 = stage2
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
     assert metrics["val_n"] == len(EchoClipDataset(trainer_data, "val", s3_endpoint=s3_endpoint,
@@ -128,7 +129,7 @@ def test_ddp_trial_reports_checkpoints_resumes_and_evaluates(trainer_data, s3_en
     tb = EventAccumulator(str(run / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
     tb.Reload()
     steps = [e.step for e in tb.Scalars("trial/val_px_error")]
-    assert set(steps) == set(range(cfg.epochs))
+    assert set(steps) == set(range(1, cfg.epochs + 1))
     overlays = [t for t in tb.Tags()["images"] if t.startswith("landmarks/")]
     assert len(overlays) == 2
 

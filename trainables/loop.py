@@ -183,12 +183,13 @@ class Trial:
             lrs = self.set_lr()
             train_loss, samples_per_s = self.train_epoch()
             val, overlays = self.validate()
-            metrics = {"epoch": self.epoch, "train_loss": train_loss, **val, "trainable_params": self.trainable,
+            # `epoch` counts completed epochs (1..epochs): ASHA's time_attr and max_t use it.
+            metrics = {"epoch": self.epoch + 1, "train_loss": train_loss, **val, "trainable_params": self.trainable,
                        "total_params": self.total, "samples_per_s": samples_per_s, **lrs}
             if tb:
-                tb.write(metrics, overlays, self.epoch)
+                tb.write(metrics, overlays, self.epoch + 1)
             if self.rank == 0:
-                print(f"[epoch {self.epoch}] " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()
+                print(f"[epoch {self.epoch + 1}/{self.cfg.epochs}] " + " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items()
                                                           if not k.startswith("lr/")), flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 if self.rank == 0:

@@ -35,6 +35,7 @@ class EncoderSpec:
     n_blocks: int
     embed_dim: int
     description: str
+    stages: dict[str, range]  # stage group -> block indices (the last stage also owns "final")
 
     @property
     def sensible_k(self) -> list[int | str]:
@@ -45,7 +46,7 @@ class EncoderSpec:
 
 def register_encoder(name: str, *, n_blocks: int, embed_dim: int, description: str):
     def wrap(cls):
-        ENCODERS[name] = EncoderSpec(name, cls, n_blocks, embed_dim, description)
+        ENCODERS[name] = EncoderSpec(name, cls, n_blocks, embed_dim, description, dict(cls.stages))
         cls.registry_name = name
         return cls
     return wrap

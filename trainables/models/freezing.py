@@ -82,13 +82,31 @@ def freeze(encoder: VideoEncoder, n_unfrozen) -> list[str]:
 
 def stage_of(encoder: VideoEncoder, group: str) -> str:
     """The learning-rate stage group of an encoder group (stem, a stage, or the last stage for final)."""
-    if group == "stem":
-        return "stem"
-    stages = list(encoder.stages)
-    if group == "final":
-        return stages[-1]
+    return _stage(encoder.stages, group)
+
+
+def lr_groups_for(encoder_name: str, n_unfrozen) -> list[str]:
+    """Stage groups (plus ``head``) that get a learning rate for regime k, without building a model.
+
+    The search spaces use this to ask for exactly the learning rates a trial will use.
+    """
+    from trainables.models.encoders import ENCODERS
+
+    spec = ENCODERS[encoder_name]
+    k = check_k(n_unfrozen, spec.n_blocks, encoder_name)
+    stages = []
+    for g in unfrozen_groups(spec.n_blocks, k):
+        s = _stage(spec.stages, g)
+        if s not in stages:
+            stages.append(s)
+    return stages + [HEAD_GROUP]
+
+
+def _stage(stages: dict[str, range], group: str) -> str:
+    if group in ("stem", "final"):
+        return "stem" if group == "stem" else list(stages)[-1]
     block = int(group.split(".", 1)[1])
-    return next(s for s, blocks in encoder.stages.items() if block in blocks)
+    return next(s for s, blocks in stages.items() if block in blocks)
 
 
 def lr_group_names(encoder: VideoEncoder, trainable_groups: list[str]) -> list[str]:
