@@ -27,6 +27,7 @@ from search.spaces import SPACES, SpaceFn, apply, get_space, params_of
 from trainables.data import storage as store
 
 SAMPLERS = ("tpe", "nsga2", "random", "qmc")
+TRAINABLES = ("train", "rehearsal")
 SCHEDULERS = ("asha", "none")
 METRIC, MODE = "val_px_error", "min"
 SEARCH_CONFIG = "search_config.json"
@@ -47,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--weights", default=None, help="encoder weights: local path, s3:// URI, or 'torchvision'")
     g.add_argument("--weights-sha256", default=None, help="expected SHA-256 of --weights")
     g.add_argument("--data", default=None, help="shard set URI (default: the embedded synthetic sample)")
+    g.add_argument("--trainable", default="train", choices=TRAINABLES,
+                   help="train (default), or rehearsal: trials sleep instead of training, to check a cluster's "
+                        "scheduling, autoscaling and concurrency first (search/rehearsal.py)")
     g.add_argument("--multi-objective", action="store_true",
                    help="Optuna optimises (val_px_error, trainable_params) jointly; ASHA still uses val_px_error")
     g = p.add_argument_group("budget and scheduling")
@@ -111,6 +115,8 @@ def resolve_defaults(args, gpus: float) -> list[str]:
     elif args.encoder is None:
         args.encoder = "tiny" if not gpus or args.space == "smoke" else "echoprime"
         notes.append(f"encoder: {args.encoder} (no --encoder{'' if gpus else ', no GPU'})")
+    if args.data is None and args.trainable == "rehearsal":
+        args.data = "none://rehearsal"  # sleeping trials read no data
     if args.data is None:
         args.data = embedded_data(args.cache_dir)
         notes.append(f"data: the embedded SYNTHETIC EchoNet-format sample ({DEMO_VIDEOS} videos) at {args.data} "
@@ -153,7 +159,8 @@ def check_inputs(args) -> None:
         raise ValueError(f"--grace-period {args.grace_period} must be below --max-epochs {args.max_epochs}")
     from trainables.data.stream import ShardSet
 
-    ShardSet(args.data, s3_endpoint=args.s3_endpoint, cache_dir=args.cache_dir)  # reachable, complete
+    if args.trainable == "train":
+        ShardSet(args.data, s3_endpoint=args.s3_endpoint, cache_dir=args.cache_dir)  # reachable, complete
 
 
 def base_config(args, train_storage: str) -> dict:
@@ -177,6 +184,14 @@ def run_trial(config: dict) -> None:
     from trainables.driver import trial_driver
 
     trial_driver(apply(params_of(config), config["base"], config.get("weights")))
+
+
+def rehearsal_trial(config: dict) -> None:
+    """Ray Tune trainable for --trainable rehearsal: same placement, sleeping workers."""
+    from search.rehearsal import run_rehearsal
+
+    params = params_of(config)
+    run_rehearsal(params, apply(params, config["base"], config.get("weights")))
 
 
 def trial_dirname(trial) -> str:
@@ -226,7 +241,8 @@ def trainable(settings: dict, cluster: dict):
     from ray import tune
 
     from search.cluster import driver_resources
-    return tune.with_resources(run_trial, driver_resources(cluster))
+    fn = rehearsal_trial if settings.get("trainable") == "rehearsal" else run_trial
+    return tune.with_resources(fn, driver_resources(cluster))
 
 
 def concurrency(args, cluster: dict) -> int:
@@ -273,7 +289,7 @@ def start_ray(address: str | None) -> dict:
 
 
 def settings_from(args, cluster: dict) -> dict:
-    return dict(space=args.space, encoder=args.encoder, weights=args.weights, data=args.data,
+    return dict(space=args.space, trainable=args.trainable, encoder=args.encoder, weights=args.weights, data=args.data,
                 storage=str(Path(args.storage).resolve()) if not store.is_remote(args.storage) else args.storage,
                 name=args.name, num_samples=args.num_samples, max_epochs=args.max_epochs,
                 grace_period=args.grace_period, reduction_factor=args.reduction_factor, sampler=args.sampler,

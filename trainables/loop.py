@@ -9,6 +9,7 @@ worker group continues exactly at the next epoch with the same sample order.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 import random
 import tempfile
 import time
@@ -112,7 +113,7 @@ class Trial:
         return getattr(self.model, "module", self.model)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else _null()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
     # --- checkpoints -------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
@@ -145,7 +146,7 @@ class Trial:
         for i, batch in enumerate(loader):
             clip, target = batch["clip"].to(self.device), batch["landmarks"].to(self.device)
             last = (i + 1) % accum == 0 or i + 1 == len(loader)
-            sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last else _null()
+            sync = self.model.no_sync() if hasattr(self.model, "no_sync") and not last else nullcontext()
             with sync:
                 with self.autocast():
                     loss = F.mse_loss(self.model(clip).float(), target)
@@ -244,14 +245,6 @@ def _all_reduce(values: list[float], device: torch.device) -> list[float]:
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def train_loop_per_worker(config: dict) -> None:
