@@ -310,7 +310,8 @@ def resumed_settings(args) -> tuple[dict, Path]:
         raise ValueError(f"no experiment {args.name!r} to resume in {folder.parent}"
                          + (f"; existing: {', '.join(existing)}" if existing else ""))
     settings = json.loads(saved.read_text())
-    for key in ("space", "encoder", "data", "weights", "max_epochs", "num_samples", "seed", "batch_size"):
+    for key in ("space", "trainable", "encoder", "data", "weights", "max_epochs", "num_samples", "seed",
+                "batch_size", "grace_period", "workers_per_trial", "gpus_per_worker"):
         setattr(args, key, settings[key])
     return settings, folder
 

@@ -190,9 +190,8 @@ def apply(params: dict, base: dict, weights: dict | None = None) -> dict:
     optim["lr"] = {**optim.get("lr", {}), **lrs}
     if "lr_base" in params:
         optim["base_lr"] = params["lr_base"]
-    for key in ("aug_strength",):
-        if key in params:
-            cfg[key] = params[key]
+    if "aug_strength" in params:
+        cfg["aug_strength"] = params["aug_strength"]
     if "weight_decay" in params:
         optim["weight_decay"] = params["weight_decay"]
     return cfg

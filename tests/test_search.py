@@ -86,6 +86,20 @@ def test_stratified_asha_compares_only_within_a_stratum():
     assert sched.num_stopped == 1 and set(sched.by_stratum) == {"all", "0"}
 
 
+@pytest.mark.parametrize("multi", [False, True])
+def test_searcher_study_is_persistent_and_unique(tmp_path, multi):
+    from search.run import make_searcher
+
+    settings = {"space": "smoke", "encoder": "tiny", "multi_objective": multi, "sampler": "tpe", "seed": 0,
+                "study_name": f"exp-{multi}"}
+    searcher = make_searcher(settings, tmp_path, {"encoder": {"name": "tiny"}, "data": {"uri": "x"}})
+    searcher.set_search_properties(None, None, {})
+    config = searcher.suggest("t1")
+    assert config["n_unfrozen"] in (0, "all") and "base" in config
+    study = optuna.load_study(study_name=f"exp-{multi}", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert len(study.directions) == (2 if multi else 1) and len(study.trials) == 1
+
+
 def test_pareto_mask_matches_brute_force():
     rng = np.random.default_rng(0)
     pts = np.round(rng.uniform(0, 10, (60, 2)), 0)  # rounding makes ties
@@ -139,8 +153,8 @@ def test_search_end_to_end(search_data, s3_endpoint, tmp_path):
     assert f"experiment folder: {folder}" in out and f"tensorboard --logdir {folder}" in out
     assert "stopped early" in out  # the summary table
 
-    pareto = subprocess.run([sys.executable, "-m", "search.pareto", str(folder)], capture_output=True, text=True,
-                            timeout=300)
+    pareto = subprocess.run([sys.executable, "-m", "search.pareto", str(folder), "--evaluate-test"],
+                            capture_output=True, text=True, timeout=300, env=env())
     assert pareto.returncode == 0, pareto.stderr
     rows = trial_rows(folder)
     assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
@@ -157,6 +171,7 @@ def test_search_end_to_end(search_data, s3_endpoint, tmp_path):
         assert {"trial_id", "val_px_error", "trainable_params", "n_unfrozen", "head", "checkpoint_path",
                 "total_params", "gpu_hours", "params"} <= set(t)
         assert Path(t["checkpoint_path"], "state.pt").is_file()
+        assert t["test_n"] > 0 and np.isfinite(t["test_px_error"])  # --evaluate-test scored it
     assert summary["hypervolume"] > 0 and (folder / "pareto.png").stat().st_size > 10_000
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -25,7 +25,7 @@ def default_storage() -> str:
 def resolve(cfg: TrialConfig, name: str | None = None) -> TrialConfig:
     """Fill in storage and run name, so workers (and checkpoints) see the final values."""
     cfg.storage = cfg.storage or default_storage()
-    if not cfg.storage.startswith(("s3://", "gs://", "/")) and "://" not in cfg.storage:
+    if "://" not in cfg.storage:  # Ray wants absolute local paths
         cfg.storage = str(Path(cfg.storage).resolve())
     cfg.name = name or cfg.name or "train-local"
     return cfg.validate()
