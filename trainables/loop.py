@@ -102,7 +102,8 @@ class Trial:
         per_rank = len(self.train_ds) // world_size
         if per_rank == 0:
             raise ValueError(f"{cfg.data.uri}: {len(self.train_ds)} training videos for {world_size} workers")
-        self.steps_per_epoch = math.ceil(per_rank / cfg.data.batch_size)
+        # Optimiser steps (what the LR schedule counts): batches per epoch over gradient accumulation.
+        self.steps_per_epoch = math.ceil(math.ceil(per_rank / cfg.data.batch_size) / cfg.optim.grad_accum)
         self.epoch, self.step = 0, 0
 
     def wrap(self, prepare) -> None:
@@ -159,8 +160,8 @@ class Trial:
             loss_sum += loss.item() * len(clip)
             n += len(clip)
         elapsed = time.perf_counter() - t0
-        totals = _all_reduce([loss_sum, n, elapsed], self.device)
-        return totals[0] / max(totals[1], 1), totals[1] / max(elapsed, 1e-9)
+        loss_sum, n = _all_reduce([loss_sum, n], self.device)  # ranks step together: global samples / wall time
+        return loss_sum / max(n, 1), n / max(elapsed, 1e-9)
 
     @torch.no_grad()
     def validate(self) -> tuple[dict, list]:
