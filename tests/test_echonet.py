@@ -150,3 +150,138 @@ def test_layout_errors_name_the_file(synthetic_root, tmp_path, damage, message):
 def test_missing_root_is_a_clear_error(tmp_path):
     with pytest.raises(EchoNetLayoutError, match="not a folder"):
         read_echonet(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad cells in the CSVs: one video is rejected with a reason naming the column, the run goes on
+# ---------------------------------------------------------------------------------------------
+
+# (what a user might feed in, the message fragment they see). tests below check each one.
+BAD_INPUTS = [
+    ("FileList row with a missing cell", "bad_filelist_row: Split is missing, the row has 8 of 9 cells"),
+    ("FileList row with an empty value", "bad_filelist_row: EF is empty (FileList.csv line"),
+    ("FileList row with an extra cell",
+     "bad_filelist_row: 10 cells, the header has 9 (a comma inside a value?)"),
+    ("FileList row with no FileName", "bad_filelist_row: FileName is empty (FileList.csv line"),
+    ("FileList text in a number column", "bad_value: EDV 'abc' is not a number (FileList.csv line"),
+    ("FileList NaN/inf in a number column", "bad_value: EF 'inf' is not finite"),
+    ("FileList NumberOfFrames not a whole number", "bad_value: NumberOfFrames '7.5' is not an integer"),
+    ("FileList NumberOfFrames infinite", "bad_value: NumberOfFrames 'inf' is not an integer"),
+    ("FileList FPS zero or negative", "bad_value: FPS '0' is not positive"),
+    ("VolumeTracings text in X1/Y1/X2/Y2", "bad_value: Y1 'abc' is not a number (VolumeTracings.csv line"),
+    ("VolumeTracings NaN/inf coordinate", "non_finite: X2 'nan' is not finite (VolumeTracings.csv line"),
+    ("VolumeTracings text in Frame", "bad_value: Frame 'abc' is not an integer (VolumeTracings.csv line"),
+    ("VolumeTracings fractional or infinite Frame", "bad_value: Frame '3.5' is not an integer"),
+    ("VolumeTracings negative Frame", "bad_value: Frame -3 is negative"),
+    ("VolumeTracings row with a missing cell", "bad_tracing_row: Frame is missing, the row has 5 of 6 cells"),
+    ("VolumeTracings row with no FileName", "bad_tracing_row: FileName is empty (VolumeTracings.csv line"),
+    ("CSV that is not UTF-8", "FileList.csv: not UTF-8 text"),
+]
+MESSAGE = dict(BAD_INPUTS)
+
+# FileList.csv columns: FileName,EF,ESV,EDV,FrameHeight,FrameWidth,FPS,NumberOfFrames,Split
+FILELIST_EDITS = {
+    "FileList row with a missing cell": lambda r: r[:-1],
+    "FileList row with an empty value": lambda r: [r[0], "", *r[2:]],
+    "FileList row with an extra cell": lambda r: [*r, "extra"],
+    "FileList text in a number column": lambda r: [*r[:3], "abc", *r[4:]],
+    "FileList NaN/inf in a number column": lambda r: [r[0], "inf", *r[2:]],
+    "FileList NumberOfFrames not a whole number": lambda r: [*r[:7], "7.5", r[8]],
+    "FileList NumberOfFrames infinite": lambda r: [*r[:7], "inf", r[8]],
+    "FileList FPS zero or negative": lambda r: [*r[:6], "0", *r[7:]],
+}
+# VolumeTracings.csv columns: FileName,X1,Y1,X2,Y2,Frame (the edit hits one row of the video)
+TRACING_EDITS = {
+    "VolumeTracings text in X1/Y1/X2/Y2": lambda r: [r[0], r[1], "abc", *r[3:]],
+    "VolumeTracings NaN/inf coordinate": lambda r: [*r[:3], "nan", *r[4:]],
+    "VolumeTracings text in Frame": lambda r: [*r[:5], "abc"],
+    "VolumeTracings fractional or infinite Frame": lambda r: [*r[:5], "3.5"],
+    "VolumeTracings negative Frame": lambda r: [*r[:5], "-3"],
+    "VolumeTracings row with a missing cell": lambda r: r[:5],
+}
+
+
+def _edited_root(src: Path, dst: Path, name: str, filelist_edit=None, tracing_edit=None) -> Path:
+    """A root sharing ``src``'s videos whose CSV rows for video ``name`` went through the edits."""
+    dst.mkdir()
+    (dst / "Videos").symlink_to(src / "Videos")
+    for csv_name, edit in (("FileList.csv", filelist_edit), ("VolumeTracings.csv", tracing_edit)):
+        rows = list(csv.reader((src / csv_name).open(newline="")))
+        hit = next(i for i, r in enumerate(rows) if _stem(r[0]) == name)
+        if edit:
+            rows[hit] = edit(rows[hit])
+        with (dst / csv_name).open("w", newline="") as f:
+            csv.writer(f).writerows(rows)
+    return dst
+
+
+def _stem(cell: str) -> str:
+    return cell[:-4] if cell.endswith(".avi") else cell
+
+
+def _one_more_rejection(read, root: Path, name: str) -> str:
+    """Read ``root``; check that only ``name`` changed (rejected now), and return its reason."""
+    _, _, samples, rejected = read
+    new_samples, new_rejected = read_echonet(root)
+    assert [s.file_name for s in new_samples] == [s.file_name for s in samples if s.file_name != name]
+    before = {(n, rejection_code(r)) for n, r in rejected}  # reasons may hold the (other) root's path
+    after = {(n, rejection_code(r)) for n, r in new_rejected}
+    assert before < after and len(after) == len(before) + 1 == len(new_rejected)
+    return dict(new_rejected)[name]
+
+
+@pytest.mark.parametrize("what", list(FILELIST_EDITS))
+def test_bad_filelist_cell_rejects_only_that_video(read, tmp_path, what):
+    src, name = read[0], read[2][0].file_name
+    root = _edited_root(src, tmp_path / "r", name, filelist_edit=FILELIST_EDITS[what])
+    reason = _one_more_rejection(read, root, name)
+    assert MESSAGE[what] in reason
+    assert reason.split(":")[0] in ("bad_filelist_row", "bad_value")
+
+
+@pytest.mark.parametrize("what", list(TRACING_EDITS))
+def test_bad_tracing_cell_rejects_only_that_video_naming_the_column(read, tmp_path, what):
+    src, name = read[0], read[2][0].file_name
+    root = _edited_root(src, tmp_path / "r", name, tracing_edit=TRACING_EDITS[what])
+    reason = _one_more_rejection(read, root, name)
+    assert MESSAGE[what] in reason
+    assert "line 2)" in reason  # the video's first tracing row is line 2 of the file
+
+
+def test_tracing_text_in_y_is_not_reported_as_a_frame_error(read, tmp_path):
+    src, name = read[0], read[2][0].file_name
+    text_in_y1 = TRACING_EDITS["VolumeTracings text in X1/Y1/X2/Y2"]
+    root = _edited_root(src, tmp_path / "r", name, tracing_edit=text_in_y1)
+    reason = dict(read_echonet(root)[1])[name]
+    assert "Y1" in reason and "Frame" not in reason
+
+
+def test_rows_without_a_file_name_are_rejected_under_their_line(read, tmp_path):
+    src, name = read[0], read[2][0].file_name
+    root = _edited_root(src, tmp_path / "r", name, filelist_edit=lambda r: ["", *r[1:]],
+                        tracing_edit=lambda r: ["", *r[1:]])
+    samples, rejected = read_echonet(root)
+    by_name = dict(rejected)
+    assert MESSAGE["FileList row with no FileName"] in by_name["FileList.csv line 2"]
+    assert MESSAGE["VolumeTracings row with no FileName"] in by_name["VolumeTracings.csv line 2"]
+    # the video lost its FileList row, so its tracings are reported as not in FileList
+    assert rejection_code(by_name[name]) == "not_in_filelist"
+    assert len(samples) == len(read[2]) - 1
+
+
+def test_csv_encoding_problems(read, tmp_path):
+    src = read[0]
+    root = _edited_root(src, tmp_path / "bom", read[2][0].file_name)
+    (root / "FileList.csv").write_bytes(b"\xef\xbb\xbf" + (root / "FileList.csv").read_bytes())
+    assert len(read_echonet(root)[0]) == len(read[2])  # a spreadsheet's byte-order mark is not an error
+    bad = _edited_root(src, tmp_path / "latin1", read[2][0].file_name)
+    latin1_row = b"caf\xe9,1,2,3,112,112,50,70,TRAIN\n"
+    (bad / "FileList.csv").write_bytes((bad / "FileList.csv").read_bytes() + latin1_row)
+    with pytest.raises(EchoNetLayoutError, match=MESSAGE["CSV that is not UTF-8"]):
+        read_echonet(bad)
+
+
+def test_every_bad_input_is_tested():
+    tested = set(FILELIST_EDITS) | set(TRACING_EDITS) | {
+        "FileList row with no FileName", "VolumeTracings row with no FileName", "CSV that is not UTF-8"}
+    assert tested == set(MESSAGE)

@@ -101,48 +101,127 @@ def volume_by_discs(rows: np.ndarray) -> float:
 # ---------------------------------------------------------------------------------------------
 
 def _read_csv(path: Path, header: list[str]) -> list[dict]:
+    """Rows as {column: text}, plus ``_line`` (1-based line number) and ``_cells`` (cells found).
+
+    Short and long rows are kept, not padded or cut: judging them is per video (``_row_problem``).
+    """
     if not path.is_file():
         raise EchoNetLayoutError(f"{path}: missing; an EchoNet-Dynamic root holds FileList.csv, "
                                  f"VolumeTracings.csv and Videos/")
-    with path.open(newline="") as f:
+    # utf-8-sig: a CSV saved by a spreadsheet starts with a byte-order mark that is not part of the header.
+    with path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
-        found = next(reader, None)
-        if found is None or [h.strip() for h in found] != header:
-            raise EchoNetLayoutError(f"{path}: header {found!r} is not the EchoNet-Dynamic header "
-                                     f"{','.join(header)}")
-        return [dict(zip(header, row)) for row in reader if row]
+        try:
+            found = next(reader, None)
+            if found is None or [h.strip() for h in found] != header:
+                raise EchoNetLayoutError(f"{path}: header {found!r} is not the EchoNet-Dynamic header "
+                                         f"{','.join(header)}")
+            return [dict(zip(header, row), _line=reader.line_num, _cells=len(row))
+                    for row in reader if any(c.strip() for c in row)]
+        except UnicodeDecodeError as exc:
+            raise EchoNetLayoutError(f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} "
+                                     f"at offset {exc.start}); re-save it as UTF-8 CSV") from None
+        except csv.Error as exc:
+            raise EchoNetLayoutError(f"{path} line {reader.line_num}: not readable as CSV ({exc})") from None
 
 
-def _stem(name: str) -> str:
-    name = name.strip()
+def _stem(name: str | None) -> str:
+    name = (name or "").strip()
     return name[:-4] if name.lower().endswith(".avi") else name
 
 
-def _group_tracings(rows: list[dict]) -> dict[str, list[tuple[int, tuple[float, ...], str]]]:
-    """file stem -> [(frame, (x1, y1, x2, y2), raw line)] in file order."""
+def _row_problem(row: dict, header: list[str], code: str, where: str) -> str | None:
+    """``code: ...`` naming the first missing, empty or surplus cell of a CSV row, else None."""
+    if row["_cells"] > len(header):
+        return (f"{code}: {row['_cells']} cells, the header has {len(header)} "
+                f"(a comma inside a value?) ({where})")
+    for key in header:
+        if key not in row:
+            return f"{code}: {key} is missing, the row has {row['_cells']} of {len(header)} cells ({where})"
+        if not row[key].strip():
+            return f"{code}: {key} is empty ({where})"
+    return None
+
+
+def _number(row: dict, key: str, where: str,
+            non_finite: str = "bad_value") -> tuple[float | None, str | None]:
+    """(value, None) for a finite number in ``row[key]``, else (None, reason naming the column)."""
+    text = row[key].strip()
+    try:
+        value = float(text)
+    except ValueError:
+        return None, f"bad_value: {key} {text!r} is not a number ({where})"
+    if not math.isfinite(value):
+        return None, f"{non_finite}: {key} {text!r} is not finite ({where})"
+    return value, None
+
+
+def _count(row: dict, key: str, where: str, minimum: int = 0) -> tuple[int | None, str | None]:
+    """(value, None) for a whole number >= ``minimum`` in ``row[key]`` (``12`` or ``12.0``), else a reason."""
+    text = row[key].strip()
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value != int(value):
+        return None, f"bad_value: {key} {text!r} is not an integer ({where})"
+    if value < minimum:
+        limit = "negative" if minimum == 0 else f"below {minimum}"
+        return None, f"bad_value: {key} {int(value)} is {limit} ({where})"
+    return int(value), None
+
+
+def _parse_tracing(row: dict) -> tuple[int, tuple[float, ...], str | None]:
+    """(frame, (x1, y1, x2, y2), None), or (-1, NaNs, reason naming the column and line)."""
+    where = f"VolumeTracings.csv line {row['_line']}"
+    bad = (-1, (math.nan,) * 4)
+    problem = _row_problem(row, TRACINGS_HEADER, "bad_tracing_row", where)
+    if problem:
+        return (*bad, problem)
+    coords = []
+    for key in ("X1", "Y1", "X2", "Y2"):
+        value, problem = _number(row, key, where, non_finite="non_finite")
+        if problem:
+            return (*bad, problem)
+        coords.append(value)
+    frame, problem = _count(row, "Frame", where)
+    if problem:
+        return (*bad, problem)
+    return frame, tuple(coords), None
+
+
+def _group_tracings(rows: list[dict]) -> tuple[dict[str, list], list[tuple[str, str]]]:
+    """(file stem -> [(frame, (x1, y1, x2, y2), raw cells, problem)] in file order, rejected rows).
+
+    A row with an unparsable cell stays in its video's list with the problem: the video is
+    rejected with that reason (``_check_tracings``), never the run. A row without a FileName
+    belongs to no video and is rejected on its own, under its line number.
+    """
     groups: dict[str, list] = defaultdict(list)
+    orphans = []
     for row in rows:
-        stem = _stem(row["FileName"])
-        try:
-            coords = tuple(float(row[k]) for k in ("X1", "Y1", "X2", "Y2"))
-            frame = int(float(row["Frame"]))
-        except (TypeError, ValueError):
-            coords, frame = (math.nan,) * 4, -1  # judged per video below, never raised
-        groups[stem].append((frame, coords, tuple(row.get(k) for k in TRACINGS_HEADER)))
-    return groups
+        stem = _stem(row.get("FileName"))
+        if not stem:
+            orphans.append((f"VolumeTracings.csv line {row['_line']}",
+                            f"bad_tracing_row: FileName is empty (VolumeTracings.csv line {row['_line']})"))
+            continue
+        frame, coords, problem = _parse_tracing(row)
+        groups[stem].append((frame, coords, tuple(row.get(k) for k in TRACINGS_HEADER), problem))
+    return groups, orphans
 
 
 def _check_tracings(entries: list) -> tuple[dict[int, np.ndarray] | None, str | None]:
     """Validate one video's tracing rows; returns ({frame: (21, 4) rows}, None) or (None, reason)."""
     if not entries:
         return None, "untraced: no rows in VolumeTracings.csv"
+    problem = next((e[3] for e in entries if e[3]), None)
+    if problem:
+        return None, problem
     raw = [e[2] for e in entries]
     if len(set(raw)) != len(raw):
         return None, "duplicate_rows: identical tracing rows repeated in VolumeTracings.csv"
-    if any(e[0] < 0 for e in entries):
-        return None, "bad_value: a Frame value is not an integer"
     frames: dict[int, list] = defaultdict(list)
-    for frame, coords, _ in entries:
+    for frame, coords, _, _ in entries:
         frames[frame].append(coords)
     if len(frames) != 2:
         return None, f"traced_frames: {len(frames)} traced frame(s) {sorted(frames)}, expected 2"
@@ -150,27 +229,34 @@ def _check_tracings(entries: list) -> tuple[dict[int, np.ndarray] | None, str | 
     for frame, coords in frames.items():
         if len(coords) != ROWS_PER_FRAME:
             return None, f"rows_per_frame: traced frame {frame} has {len(coords)} rows, expected {ROWS_PER_FRAME}"
-        arr = np.asarray(coords, dtype=np.float64)
-        if not np.all(np.isfinite(arr)):
-            return None, f"non_finite: traced frame {frame} has NaN/inf or unparsable coordinates"
-        out[frame] = arr
+        out[frame] = np.asarray(coords, dtype=np.float64)
     return out, None
 
 
 def _parse_filelist_row(row: dict) -> tuple[dict | None, str | None]:
+    where = f"FileList.csv line {row['_line']}"
+    problem = _row_problem(row, FILELIST_HEADER, "bad_filelist_row", where)
+    if problem:
+        return None, problem
     split = row["Split"].strip().upper()
     if split not in SPLITS:
         return None, f"unknown_split: Split {row['Split']!r} is not one of {', '.join(SPLITS)}"
-    try:
-        vals = {k: float(row[k]) for k in ("EF", "ESV", "EDV", "FPS")}
-        h, w, n = (int(float(row[k])) for k in ("FrameHeight", "FrameWidth", "NumberOfFrames"))
-    except (TypeError, ValueError) as exc:
-        return None, f"bad_value: FileList.csv row is not numeric ({exc})"
-    if not all(math.isfinite(v) for v in vals.values()) or vals["FPS"] <= 0:
-        return None, "bad_value: FileList.csv EF/ESV/EDV/FPS not finite or FPS <= 0"
+    vals = {}
+    for key in ("EF", "ESV", "EDV", "FPS"):
+        vals[key], problem = _number(row, key, where)
+        if problem:
+            return None, problem
+    if vals["FPS"] <= 0:
+        return None, f"bad_value: FPS {row['FPS'].strip()!r} is not positive ({where})"
+    ints = {}
+    for key in ("FrameHeight", "FrameWidth", "NumberOfFrames"):
+        ints[key], problem = _count(row, key, where, minimum=1)
+        if problem:
+            return None, problem
+    h, w = ints["FrameHeight"], ints["FrameWidth"]
     if (h, w) != (FRAME_SIZE, FRAME_SIZE):
         return None, f"frame_size: FileList.csv lists {h}x{w}, expected {FRAME_SIZE}x{FRAME_SIZE}"
-    return dict(split=SPLITS[split], listed_frames=n, **vals), None
+    return dict(split=SPLITS[split], listed_frames=ints["NumberOfFrames"], **vals), None
 
 
 def probe_avi(path: Path) -> tuple[int, int, int]:
@@ -230,21 +316,16 @@ def read_echonet(root: str | Path, progress=None) -> tuple[list[EchoSample], lis
     if not root.is_dir():
         raise EchoNetLayoutError(f"{root}: not a folder")
     filelist = _read_csv(root / "FileList.csv", FILELIST_HEADER)
-    tracings = _group_tracings(_read_csv(root / "VolumeTracings.csv", TRACINGS_HEADER))
+    tracings, rejected = _group_tracings(_read_csv(root / "VolumeTracings.csv", TRACINGS_HEADER))
     videos = root / "Videos"
     if not videos.is_dir():
         raise EchoNetLayoutError(f"{videos}: missing Videos/ folder (it holds <FileName>.avi)")
 
-    samples, rejected, seen = [], [], set()
+    samples, seen = [], set()
     for row in filelist:
-        stem = _stem(row["FileName"])
-        if stem in seen:
-            rejected.append((stem, "duplicate_video: listed more than once in FileList.csv"))
-            continue
-        seen.add(stem)
-        sample, reason = _judge(stem, row, tracings.get(stem, []), videos)
+        name, sample, reason = _judge_row(row, seen, tracings, videos)
         if sample is None:
-            rejected.append((stem, reason))
+            rejected.append((name, reason))
         else:
             samples.append(sample)
         if progress:
@@ -252,6 +333,20 @@ def read_echonet(root: str | Path, progress=None) -> tuple[list[EchoSample], lis
     for stem in sorted(set(tracings) - seen):
         rejected.append((stem, "not_in_filelist: traced in VolumeTracings.csv but absent from FileList.csv"))
     return samples, rejected
+
+
+def _judge_row(row: dict, seen: set, tracings: dict,
+               videos: Path) -> tuple[str, EchoSample | None, str | None]:
+    """(name, sample, None) or (name, None, reason) for one FileList row; ``seen`` collects names."""
+    stem = _stem(row.get("FileName"))
+    if not stem:  # no name to file the rejection under: the line number stands in for it
+        where = f"FileList.csv line {row['_line']}"
+        return where, None, f"bad_filelist_row: FileName is empty ({where})"
+    if stem in seen:
+        return stem, None, "duplicate_video: listed more than once in FileList.csv"
+    seen.add(stem)
+    sample, reason = _judge(stem, row, tracings.get(stem, []), videos)
+    return stem, sample, reason
 
 
 def _judge(stem: str, row: dict, entries: list, videos: Path) -> tuple[EchoSample | None, str | None]:

@@ -101,11 +101,12 @@ def _fingerprint(root: Path, params: dict) -> str:
 
 def _existing_manifest(fs, base: str) -> dict | None:
     try:
-        return json.loads(fs.cat_file(f"{base}/manifest.json"))
+        manifest = json.loads(fs.cat_file(f"{base}/manifest.json"))
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError:
-        return None  # a damaged manifest: treat the output as stale and replace it whole
+    except ValueError:  # not JSON, or not even UTF-8: treat the output as stale and replace it whole
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def _up_to_date(fs, base: str, manifest: dict | None, fingerprint: str) -> bool:
@@ -114,6 +115,8 @@ def _up_to_date(fs, base: str, manifest: dict | None, fingerprint: str) -> bool:
     try:
         return all(fs.size(f"{base}/{f['path']}") == f["size"] for f in manifest["files"])
     except FileNotFoundError:
+        return False
+    except (KeyError, TypeError):  # a manifest of another shape: replace the output whole
         return False
 
 

@@ -9,7 +9,10 @@ Inside a Ray Train worker::
 * Cache: each shard is downloaded once per node into ``cache_dir`` (default ``$ECHOTUNE_CACHE_DIR`` or
   ``~/.cache/echotune``), content-addressed by its manifest sha256, under a file lock, renamed into
   place only after the checksum matches; every trial on the node shares it. It is then converted
-  to an uncompressed Arrow IPC file that is memory-mapped, so random access costs no copy.
+  to an uncompressed Arrow IPC file that is memory-mapped, so random access costs no copy. The
+  .arrow file's size and sha256 go into ``<sha256>.arrow.json`` when it is written and are checked
+  the first time a process maps it; a damaged entry is reported (``CacheWarning`` naming the shard),
+  removed and fetched again.
 * Order: epoch e is the permutation ``rng(seed, e)`` of the split, dealt round-robin to ranks and cut
   to equal lengths (training) or kept whole (evaluation, so every video is scored once).
 * Per-sample randomness: ``rng(seed, epoch, crc32(file_name))``, so a sample's clip does not depend
@@ -18,13 +21,16 @@ Inside a Ray Train worker::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import warnings
 import zlib
 from pathlib import Path
 from typing import Callable
 
+import filelock
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -104,12 +110,15 @@ class ShardSet:
             raise storage.storage_error(self.uri, self.s3_endpoint, exc, "read shard manifest from") from exc
         try:
             manifest = json.loads(raw)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8 at all
             raise ShardError(f"{where}/manifest.json is not valid JSON ({exc}); re-run the shard command") from None
-        version = manifest.get("schema_version")
+        version = manifest.get("schema_version") if isinstance(manifest, dict) else None
         if version != SCHEMA_VERSION:
             raise ShardError(f"{where}/manifest.json has schema_version {version!r}; this echotune reads "
                              f"{SCHEMA_VERSION}. Re-shard with this version.")
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise ShardError(f"{where}/manifest.json is damaged: {problem}; re-run the shard command")
         return manifest
 
     def files(self, split: str) -> list[dict]:
@@ -118,47 +127,96 @@ class ShardSet:
         return [f for f in self.manifest["files"] if f["split"] == split]
 
     def local_arrow(self, entry: dict) -> Path:
-        """Verified, memory-mappable local copy of one manifest file (downloaded once per node)."""
+        """Verified, memory-mappable local copy of one manifest file (downloaded once per node).
+
+        The first call in a process checks the cached file's size and sha256 against its sidecar;
+        a damaged or unrecorded entry is reported (CacheWarning naming the shard), removed and
+        fetched again under the entry's file lock.
+        """
         objects = self.cache_dir / "objects"
         objects.mkdir(parents=True, exist_ok=True)
         arrow = objects / f"{entry['sha256']}.arrow"
-        if arrow.exists():
+        if _still_verified(arrow):
             return arrow
-        with FileLock(str(objects / f"{entry['sha256']}.lock"), timeout=LOCK_TIMEOUT_S):
-            if arrow.exists():  # another trial on this node finished it while we waited
-                return arrow
-            parquet = self._download(entry, objects)
-            tmp = arrow.with_suffix(f".arrow.tmp{os.getpid()}")
-            table = self._read_parquet(parquet, entry).combine_chunks()
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-            os.replace(tmp, arrow)
-            parquet.unlink()
+        if arrow.exists() and not _check_arrow(arrow, entry):
+            _mark_verified(arrow)
+            return arrow
+        with self._lock(objects, entry):
+            if arrow.exists():  # another trial on this node may have finished or repaired it meanwhile
+                problem = _check_arrow(arrow, entry)
+                if not problem:
+                    _mark_verified(arrow)
+                    return arrow
+                self._discard(arrow, entry, problem)
+            self._fill(arrow, entry, objects)
+        _mark_verified(arrow)
         return arrow
+
+    @contextlib.contextmanager
+    def _lock(self, objects: Path, entry: dict):
+        lock = FileLock(str(objects / f"{entry['sha256']}.lock"))
+        try:
+            lock.acquire(timeout=LOCK_TIMEOUT_S)
+        except filelock.Timeout:
+            raise ShardError(f"waited {LOCK_TIMEOUT_S} s for {lock.lock_file}, held by another process "
+                             f"filling the cache with shard {self.uri}/{entry['path']}; if no other "
+                             f"echotune runs on this node, delete that file and re-run") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _discard(self, arrow: Path, entry: dict, problem: str) -> None:
+        warnings.warn(f"damaged cache entry for shard {self.uri}/{entry['path']}: {arrow} {problem}; "
+                      f"removing it and fetching the shard again", CacheWarning, stacklevel=3)
+        arrow.unlink(missing_ok=True)
+        _sidecar(arrow).unlink(missing_ok=True)
+
+    def _fill(self, arrow: Path, entry: dict, objects: Path) -> None:
+        """Download, verify and convert one shard; the sidecar goes in before the .arrow file, so
+        an .arrow in place always has its record (a crash leaves at most a stale sidecar)."""
+        parquet = self._download(entry, objects)
+        tmp = arrow.with_suffix(f".arrow.tmp{os.getpid()}")
+        table = self._read_parquet(parquet, entry).combine_chunks()
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+        record = {"size": tmp.stat().st_size, "sha256": _sha256(tmp), "parquet_sha256": entry["sha256"],
+                  "shard": entry["path"]}
+        side_tmp = _sidecar(arrow).with_suffix(f".json.tmp{os.getpid()}")
+        side_tmp.write_text(json.dumps(record))
+        os.replace(side_tmp, _sidecar(arrow))
+        os.replace(tmp, arrow)
+        parquet.unlink()
 
     def _download(self, entry: dict, objects: Path) -> Path:
         final = objects / f"{entry['sha256']}.parquet"
-        if final.exists():
+        if final.exists() and not _verify(final, entry):  # left by a run that died while converting
             return final
+        final.unlink(missing_ok=True)
         remote = f"{self.uri}/{entry['path']}"
         tmp = objects / f"{entry['sha256']}.parquet.tmp{os.getpid()}"
-        problem = ""
-        for _attempt in range(2):  # one re-download absorbs a transfer that went wrong in flight
-            try:
-                fs, base = self._fs()
-                fs.get_file(f"{base}/{entry['path']}", str(tmp))
-            except FileNotFoundError:
-                raise ShardError(f"{storage.describe(remote, self.s3_endpoint)}: listed in manifest.json "
-                                 f"but missing from the store") from None
-            except Exception as exc:
-                raise storage.storage_error(remote, self.s3_endpoint, exc, "download shard") from exc
-            problem = _verify(tmp, entry)
-            if not problem:
-                os.replace(tmp, final)
-                return final
-        tmp.unlink(missing_ok=True)
+        try:
+            problem = ""
+            for _attempt in range(2):  # one re-download absorbs a transfer that went wrong in flight
+                self._get(entry, remote, tmp)
+                problem = _verify(tmp, entry)
+                if not problem:
+                    os.replace(tmp, final)
+                    return final
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed or half-done transfer leaves nothing behind
         raise ShardError(f"corrupt shard {storage.describe(remote, self.s3_endpoint)}: {problem}. "
                          f"Re-run the shard command to rewrite the set.")
+
+    def _get(self, entry: dict, remote: str, dest: Path) -> None:
+        try:
+            fs, base = self._fs()
+            fs.get_file(f"{base}/{entry['path']}", str(dest))
+        except FileNotFoundError:
+            raise ShardError(f"{storage.describe(remote, self.s3_endpoint)}: listed in manifest.json "
+                             f"but missing from the store") from None
+        except Exception as exc:
+            raise storage.storage_error(remote, self.s3_endpoint, exc, "download shard") from exc
 
     def _read_parquet(self, path: Path, entry: dict) -> pa.Table:
         try:
@@ -170,17 +228,96 @@ class ShardSet:
         return table
 
 
+MANIFEST_FILE_KEYS = {"path": str, "split": str, "rows": int, "size": int, "sha256": str}
+
+
+def _manifest_problem(manifest: dict) -> str:
+    """'' when every file entry has the fields the loader needs, else what is wrong (first one)."""
+    files = manifest.get("files")
+    if not isinstance(files, list):
+        return "no 'files' list"
+    for k, f in enumerate(files):
+        for key, kind in MANIFEST_FILE_KEYS.items():
+            if not isinstance(f, dict) or not isinstance(f.get(key), kind):
+                return f"files[{k}] has no valid {key!r}"
+        if f["split"] not in SPLITS:
+            return f"files[{k}] ({f['path']}) has unknown split {f['split']!r}"
+    return ""
+
+
 def _verify(path: Path, entry: dict) -> str:
     """'' when ``path`` matches the manifest entry, else what is wrong."""
     size = path.stat().st_size
     if size != entry["size"]:
         return f"{size} bytes, manifest says {entry['size']} (truncated or replaced)"
+    digest = _sha256(path)
+    if digest != entry["sha256"]:
+        return f"sha256 {digest[:16]}..., manifest says {entry['sha256'][:16]}... (checksum mismatch)"
+    return ""
+
+
+def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    if h.hexdigest() != entry["sha256"]:
-        return f"sha256 {h.hexdigest()[:16]}..., manifest says {entry['sha256'][:16]}... (checksum mismatch)"
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache self-check: <sha256>.arrow is recorded in <sha256>.arrow.json (size, sha256) when it is
+# written, and checked against it the first time a process maps it.
+# ---------------------------------------------------------------------------------------------
+
+class CacheWarning(UserWarning):
+    """A node-cache entry was damaged (or unrecorded) and is being fetched again."""
+
+
+# path -> (size, mtime_ns, inode) of the file when this process checked it: later opens in the
+# process only stat it, and spawned DataLoader workers inherit the record with the dataset.
+_VERIFIED: dict[str, tuple[int, int, int]] = {}
+
+
+def _sidecar(arrow: Path) -> Path:
+    return arrow.with_name(arrow.name + ".json")
+
+
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _still_verified(arrow: Path) -> bool:
+    key = _VERIFIED.get(str(arrow))
+    return key is not None and key == _stat_key(arrow)
+
+
+def _mark_verified(arrow: Path) -> None:
+    _VERIFIED[str(arrow)] = _stat_key(arrow)
+
+
+def _check_arrow(arrow: Path, entry: dict | None = None) -> str:
+    """'' when ``arrow`` matches the size and sha256 recorded next to it, else what is wrong."""
+    try:
+        record = json.loads(_sidecar(arrow).read_text())
+        size, digest = int(record["size"]), str(record["sha256"])
+    except FileNotFoundError:
+        return "has no size/checksum record (written by an older echotune, or its writer was killed)"
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"has an unreadable size/checksum record {_sidecar(arrow).name} ({type(exc).__name__})"
+    if entry is not None and record.get("parquet_sha256", entry["sha256"]) != entry["sha256"]:
+        return "is recorded as another shard's copy"
+    try:
+        found = arrow.stat().st_size
+        if found != size:
+            return f"is {found} bytes, {size} when written (truncated or overwritten)"
+        if _sha256(arrow) != digest:
+            return "does not match the sha256 recorded when it was written (bit rot or overwritten)"
+    except FileNotFoundError:  # another process is replacing it: the caller re-checks under the lock
+        return "disappeared while being checked"
     return ""
 
 
@@ -220,7 +357,10 @@ class EchoClipDataset(torch.utils.data.Dataset):
         shards = ShardSet(uri, s3_endpoint=s3_endpoint, cache_dir=cache_dir)
         self.uri, self.split, self.seed = shards.uri, split, seed
         self.clip_fn, self.transform = clip_fn, transform
-        self.paths = [shards.local_arrow(e) for e in shards.files(split)]
+        entries = shards.files(split)
+        self.paths = [shards.local_arrow(e) for e in entries]
+        self.shard_names = [f"{shards.uri}/{e['path']}" for e in entries]
+        self.verified = {str(p): _VERIFIED[str(p)] for p in self.paths}  # travels to spawned workers
         self.synthetic = bool(shards.manifest.get("source", {}).get("synthetic"))
         self._load_labels()
         self._packets: list[_Packets] | None = None
@@ -249,6 +389,19 @@ class EchoClipDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.file_names)
 
+    def _open_packets(self) -> list[_Packets]:
+        # A spawned worker trusts a file that is still the one the dataset's process verified
+        # (same size, mtime and inode); anything else is checked again before it is mapped.
+        for path, shard in zip(self.paths, self.shard_names):
+            if _stat_key(path) == self.verified.get(str(path)) or _still_verified(path):
+                continue
+            problem = _check_arrow(path) if path.exists() else "is missing"
+            if problem:
+                raise ShardError(f"cache file {path} of shard {shard} changed after it was verified: "
+                                 f"{problem}. Re-run: the next start fetches the shard again.")
+            _mark_verified(path)
+        return [_Packets(p) for p in self.paths]
+
     def landmarks(self, i: int) -> np.ndarray:
         """(2, 40, 2) float32: ED then ES, landmarks normalised by the 112-px frame size."""
         pts = np.stack([rows_to_points(self.ed_rows[i]), rows_to_points(self.es_rows[i])])
@@ -257,7 +410,7 @@ class EchoClipDataset(torch.utils.data.Dataset):
     def __getitem__(self, key) -> dict:
         epoch, i = key if isinstance(key, tuple) else (0, key)
         if self._packets is None:
-            self._packets = [_Packets(p) for p in self.paths]
+            self._packets = self._open_packets()
         name = self.file_names[i]
         rng = sample_rng(self.seed, epoch, name)
         ed, es = int(self.ed_frame[i]), int(self.es_frame[i])
