@@ -83,13 +83,32 @@ def test_temporal_jitter_moves_only_interior_frames(ed, es):
 # --- metrics ----------------------------------------------------------------------------------
 
 def square(x0, y0, side):
-    return np.array([[x0, y0], [x0 + side - 1, y0], [x0 + side - 1, y0 + side - 1], [x0, y0 + side - 1]], float)
+    return np.array([[x0, y0], [x0 + side, y0], [x0 + side, y0 + side], [x0, y0 + side]], float)
 
 
-def test_dice_of_known_polygons():
+def test_dice_of_known_polygons_is_exact():
     assert dice(square(10, 10, 20), square(10, 10, 20)) == 1.0
-    assert dice(square(10, 10, 20), square(20, 10, 20)) == pytest.approx(0.5)  # half overlap: 2*200/800
+    assert dice(square(10, 10, 20), square(20, 10, 20)) == pytest.approx(0.5)  # 2 * 200 / 800, exactly
+    assert dice(square(10, 10, 20), square(10.5, 10, 20)) == pytest.approx(2 * 19.5 * 20 / 800)  # sub-pixel
     assert dice(square(10, 10, 10), square(50, 50, 10)) == 0.0
+    bowtie = np.array([[0, 0], [10, 10], [10, 0], [0, 10]], float)  # a self-crossing prediction: two lobes
+    assert dice(bowtie, square(0, 0, 10)) == pytest.approx(2 * 50 / (50 + 100))
+    assert dice(np.full((4, 2), np.nan), square(0, 0, 10)) == 0.0
+
+
+def test_dice_mean_per_video_and_pooled_over_the_split():
+    """Pooled (EchoNet-Dynamic's 2·ΣI / Σ(|A|+|B|)) weights large ventricles more than the per-video mean."""
+    big, small = cylinder(40, 80) / 112, cylinder(10, 20) / 112
+    target = np.stack([np.stack([big, big]), np.stack([small, small])])  # 2 videos, ED = ES
+    pred = target.copy()
+    pred[1, :, :, 0] += 5 / 112  # the small one shifted half its width: Dice 0.5
+    m = LandmarkMetrics()
+    m.update(pred, target, np.array([0.0, 0.0]))
+    r = m.compute()
+    assert r["val_dice_ed"] == pytest.approx((1.0 + 0.5) / 2)
+    h = 19 / 20  # the outer chords sit at disc centres: the polygon is 19/20 of the tube's length
+    inter, areas = 40 * 80 * h + 5 * 20 * h, (2 * 40 * 80 + 2 * 10 * 20) * h
+    assert r["val_dice_ed_pooled"] == pytest.approx(2 * inter / areas) and r["val_dice_es_pooled"] > 0.95
 
 
 def cylinder(diameter, length, x=56.0, top=20.0):
@@ -118,7 +137,24 @@ def test_point_error_in_px_and_percent():
     assert r["val_px_error_ed"] == approx(3) and r["val_px_error_es"] == approx(0)
     assert r["val_px_error"] == approx(1.5) and r["val_pct_error"] == approx(100 * 1.5 / 112)
     assert r["val_dice_es"] == approx(1.0) and r["val_dice_ed"] < 1
-    assert r["val_ef_mae"] == approx(0.0)
+    assert r["val_ef_mae_label"] == approx(0.0) and r["val_ef_mae_contour"] == approx(0.0)
+
+
+def test_ef_error_against_the_label_and_against_the_contours():
+    """A perfect landmark prediction has zero contour-EF error, whatever the FileList EF says."""
+    target = np.stack([cylinder(20, 60), cylinder(10, 60)])[None] / 112  # contour EF 75 %
+    m = LandmarkMetrics()
+    m.update(target.copy(), target, np.array([60.0]))  # the label disagrees with the tracing by 15 points
+    r = m.compute()
+    assert r["val_ef_mae_contour"] == pytest.approx(0.0, abs=1e-6)
+    assert r["val_ef_mae_label"] == pytest.approx(15.0, abs=1e-4)
+    shrunk = target.copy()
+    shrunk[0, 1] = (cylinder(20 * 0.5 ** 0.5, 60) / 112)  # predicted ES volume half of ED: EF 50 %
+    m = LandmarkMetrics()
+    m.update(shrunk, target, np.array([60.0]))
+    r = m.compute()
+    assert r["val_ef_mae_contour"] == pytest.approx(25.0, abs=1e-3)
+    assert r["val_ef_mae_label"] == pytest.approx(10.0, abs=1e-3)
 
 
 def _rank(rank, world, port, pred, target, ef, out):
