@@ -1,4 +1,4 @@
-"""Encoders, freezing regimes, per-group learning rates, heads, weights loading (registry-driven)."""
+"""Encoders, freezing regimes, per-group learning rates, weights loading (registry-driven); heads: test_heads.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from trainables.models.encoders import ENCODERS, build_encoder
-from trainables.models.freezing import freeze, group_parameters, lr_group_names, param_groups, unfrozen_groups
-from trainables.models.heads import HEADS, build_head, landmark_edges
+from trainables.models.freezing import freeze, group_parameters, param_groups, unfrozen_groups
+from trainables.models.heads import build_head
 
 _CACHE: dict[str, torch.nn.Module] = {}
 CHEAP = ("tiny", "r3d_18", "resnet18_2d")
@@ -131,54 +131,6 @@ def test_frozen_prefix_keeps_no_activations():
     with torch.no_grad():
         assert torch.allclose(enc(clip()), enc.forward_suffix(enc.forward_prefix(clip(), 2), 2))
     assert split.shape == (1, 128)
-
-
-def test_optimiser_has_one_group_per_unfrozen_stage_and_the_head():
-    enc = encoder("echoprime")
-    head = build_head("mlp", enc.embed_dim)
-    names = freeze(enc, 4)  # blocks 12-15: stage3 (12, 13) and stage4 (14, 15) + final
-    assert lr_group_names(enc, names) == ["stage3", "stage4", "head"]
-    lrs = {"stage3": 1e-5, "stage4": 3e-5, "head": 1e-3}
-    groups = param_groups(enc, head, names, lrs, base_lr=7e-4, weight_decay=0.01)
-    assert [(g["name"], g["lr"]) for g in groups] == [("stage3", 1e-5), ("stage4", 3e-5), ("head", 1e-3)]
-    in_groups = {id(p) for g in groups for p in g["params"]}
-    assert in_groups == {id(p) for p in enc.parameters() if p.requires_grad} | {id(p) for p in head.parameters()}
-    stem_and_all = param_groups(enc, head, freeze(enc, "all"), {}, base_lr=7e-4, weight_decay=0)
-    assert [g["name"] for g in stem_and_all] == ["stem", "stage1", "stage2", "stage3", "stage4", "head"]
-    assert all(g["lr"] == 7e-4 for g in stem_and_all)
-
-
-# --- heads ------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("head, options", [("mlp", {}), ("gcn", {}), ("gcn", {"graph": "full"}),
-                                           ("mlp", {"channels": [32, 64]}), ("gcn", {"channels": [4, 8]})])
-def test_heads_shape_and_gradients(head, options):
-    torch.manual_seed(0)
-    h = build_head(head, 40, **options)
-    out = h(torch.randn(3, 40))
-    assert out.shape == (3, 2, 40, 2)
-    out.square().sum().backward()
-    for name, p in h.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-
-
-def test_gcn_edge_list_is_exactly_the_specified_graph():
-    ed, es = range(0, 40), range(40, 80)  # node = frame * 40 + point
-    expected = set()
-    for frame in (ed, es):
-        expected |= {(frame[p], frame[p + 1]) for p in range(39)}  # contour
-        expected |= {tuple(sorted((frame[p], frame[39 - p]))) for p in range(20)}  # chords
-    expected |= {(ed[p], es[p]) for p in range(40)}  # time
-    assert set(landmark_edges("sparse")) == expected and len(landmark_edges("sparse")) == len(expected)
-    assert len(landmark_edges("full")) == 80 * 79 // 2
-    ei = build_head("gcn", 8).edge_index
-    assert {(int(a), int(b)) for a, b in ei.t()} == expected | {(b, a) for a, b in expected}
-
-
-def test_unknown_head_lists_choices():
-    with pytest.raises(ValueError, match="choose one of mlp, gcn"):
-        build_head("transformer", 8)
-    assert set(HEADS) == {"mlp", "gcn"}
 
 
 # --- weights ------------------------------------------------------------------------------------

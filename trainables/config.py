@@ -14,7 +14,9 @@ Example::
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 OPTIMISERS = ("adamw", "adam", "sgd")
@@ -22,26 +24,63 @@ SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
+class LoraCfg:
+    """LoRA on the last ``last`` blocks (trainables/models/lora.py); defaults are peft's."""
+
+    rank: int = 8
+    last: int | None = None  # adapted blocks, counted from the output end; None: every block
+    alpha: float = 8.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the input of A, train mode only
+    targets: list[str] | None = None  # e.g. ["qkv", "proj"]; None: each block kind's defaults
+
+    def validate(self, encoder_name: str) -> None:
+        from trainables.models.lora import plan_from
+
+        plan_from(encoder_name, self)
+
+
+@dataclass
 class EncoderCfg:
     name: str = "tiny"
     weights: str | None = None  # local path, s3:// URI, or "torchvision" (baselines only)
     weights_sha256: str | None = None
-    n_unfrozen: int | str = "all"  # 0..n_blocks or "all" (stem included)
+    n_unfrozen: int | str = "all"  # 0..n_blocks or "all" (stem included); 0 with lora
+    lora: LoraCfg | None = None  # the LoRA regime: adapters in a frozen encoder (absent: none)
+    # Stochastic depth at the last block (linear in depth). Off by default: an unfrozen block then
+    # computes what it computes frozen or LoRA-adapted, so regimes differ only in what trains.
+    drop_path: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):  # from JSON
+            valid = [f.name for f in fields(LoraCfg)]
+            bad = sorted(set(self.lora) - set(valid))
+            if bad:
+                raise ValueError(f"unknown keys {bad} in 'encoder.lora'; valid: {valid}")
+            self.lora = LoraCfg(**self.lora)
+        elif self.lora is not None and not isinstance(self.lora, LoraCfg):
+            raise ValueError(f"encoder.lora must be an object {{rank, last, alpha, dropout, targets}} or null, "
+                             f"not {json.dumps(self.lora)}")
 
     def validate(self) -> None:
         from trainables.models.encoders import ENCODERS
-        from trainables.models.freezing import check_k
+        from trainables.models.freezing import check_k, check_lora_k
 
         if self.name not in ENCODERS:
             raise ValueError(f"encoder.name {self.name!r} is unknown; choose one of {', '.join(ENCODERS)}")
         self.n_unfrozen = check_k(self.n_unfrozen, ENCODERS[self.name].n_blocks, self.name)
+        if self.lora is not None:
+            check_lora_k(self.n_unfrozen, self.name)
+            self.lora.validate(self.name)
+        if not 0 <= self.drop_path < 1:
+            raise ValueError(f"encoder.drop_path={self.drop_path} must be in [0, 1)")
 
 
 @dataclass
 class HeadCfg:
     type: str = "mlp"
     channels: list[int] | None = None  # None: the head's default
-    graph: str = "sparse"  # gcn only: "sparse" (contour, chord, time edges) or "full"
+    graph: str = "sparse"  # gcn only: heads.GRAPHS, "sparse" (relational) or "full" (learned pair weights)
+    dropout: float = 0.0  # on the embedding, train mode only; a head nuisance parameter, the same for every k
 
     def validate(self) -> None:
         from trainables.models.heads import GRAPHS, HEADS
@@ -52,12 +91,15 @@ class HeadCfg:
             raise ValueError(f"head.graph {self.graph!r} is unknown; choose one of {', '.join(GRAPHS)}")
         if self.channels is not None and (not self.channels or min(self.channels) < 1):
             raise ValueError(f"head.channels must be positive integers, not {self.channels}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"head.dropout={self.dropout} must be in [0, 1)")
 
     def options(self) -> dict:
-        opts = {"channels": self.channels}
-        if self.type == "gcn":
-            opts["graph"] = self.graph
-        return opts
+        """The keyword options of ``build_head(self.type, ...)``: only those this head takes."""
+        from trainables.models.heads import head_options
+
+        opts = {"channels": self.channels, "graph": self.graph, "dropout": self.dropout}
+        return {k: v for k, v in opts.items() if k in head_options(self.type)}
 
 
 @dataclass
@@ -91,12 +133,19 @@ class DataCfg:
     num_workers: int = 0  # DataLoader workers per Train worker (spawn)
     train_split: str = "train"
     val_split: str = "val"
+    # Frozen-prefix feature cache (trainables/feature_cache.py), under <cache_dir>/features/ and
+    # shared by every trial on the node; used when part of the encoder is frozen (split > 0).
+    feature_cache: bool = True
+    feature_cache_gb: float | None = None  # size cap; None: $ECHOTUNE_FEATURE_CACHE_GB, else 8
 
     def validate(self) -> None:
         if not self.uri:
             raise ValueError("data.uri is empty: give a shard set URI (local folder or s3://bucket/prefix)")
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("data.batch_size must be >= 1 and data.num_workers >= 0")
+        if self.feature_cache_gb is not None and not self.feature_cache_gb > 0:
+            raise ValueError(f"data.feature_cache_gb={self.feature_cache_gb} must be > 0 (or null for the default); "
+                             f"turn the cache off with data.feature_cache: false")
 
 
 @dataclass
@@ -106,6 +155,9 @@ class TrialConfig:
     optim: OptimCfg = field(default_factory=OptimCfg)
     data: DataCfg = field(default_factory=DataCfg)
     aug_strength: float = 0.0
+    # With aug_strength > 0: N fixed augmented views per video, one drawn per epoch, so the frozen
+    # prefix of each view can be cached; 0: a fresh augmentation every epoch (no cache for training).
+    cache_views: int = 0
     epochs: int = 10
     seed: int = 0
     workers: int = 1  # Ray Train (DDP) workers
@@ -117,10 +169,13 @@ class TrialConfig:
     overlay_videos: int = 4  # validation videos drawn with landmarks each epoch (rank 0)
 
     def validate(self) -> "TrialConfig":
+        check_types(self)
         for part in (self.encoder, self.head, self.optim, self.data):
             part.validate()
         if not 0 <= self.aug_strength <= 1:
             raise ValueError(f"aug_strength={self.aug_strength} must be in [0, 1]")
+        if self.cache_views < 0:
+            raise ValueError(f"cache_views={self.cache_views} must be >= 0 (0: a fresh augmentation every epoch)")
         if self.epochs < 1 or self.workers < 1 or self.max_failures < 0:
             raise ValueError("epochs and workers must be >= 1, max_failures >= 0")
         return self
@@ -135,12 +190,16 @@ class TrialConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrialConfig":
         parts = {"encoder": EncoderCfg, "head": HeadCfg, "optim": OptimCfg, "data": DataCfg}
+        if not isinstance(d, dict):
+            raise ValueError(f"a trial config is a JSON object, not {type(d).__name__}")
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown trial config keys {sorted(unknown)}; valid: {[f.name for f in fields(cls)]}")
         kwargs = {}
         for key, value in d.items():
             if key in parts:
+                if not isinstance(value, dict):
+                    raise ValueError(f"trial config field {key!r} must be an object, not {json.dumps(value)}")
                 valid = {f.name for f in fields(parts[key])}
                 bad = set(value) - valid
                 if bad:
@@ -160,3 +219,54 @@ class TrialConfig:
             return cls.from_json(Path(path).read_text())
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Types: a JSON config is checked against the annotations, so "epochs": "ten", "lr": null or
+# "use_gpu": "false" are one clear line instead of a TypeError deep in the trainer (or a GPU wait).
+# ---------------------------------------------------------------------------------------------
+
+def _type_name(tp) -> str:
+    if tp is type(None):
+        return "null"
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    plural = {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}
+    if origin is list:
+        return f"a list of {plural.get(typing.get_args(tp)[0], 'values')}"
+    if origin is dict:
+        return f"an object of {plural.get(typing.get_args(tp)[1], 'values')}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, tp.__name__)
+
+
+def _matches(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (object,)
+        return isinstance(value, (list, tuple)) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        key, item = typing.get_args(tp) or (object, object)
+        return isinstance(value, dict) and all(_matches(k, key) and _matches(v, item) for k, v in value.items())
+    return tp is object or isinstance(value, tp)
+
+
+def check_types(cfg, where: str = "") -> None:
+    """Raise ValueError naming the first field whose value does not have its annotated type."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value, tp, name = getattr(cfg, f.name), hints[f.name], f"{where}{f.name}"
+        if is_dataclass(value):
+            check_types(value, f"{name}.")
+        elif not _matches(value, tp):
+            raise ValueError(f"trial config field {name!r} must be {_type_name(tp)}, not {json.dumps(value)}")

@@ -8,10 +8,24 @@ normalisation, and returns an embedding (B, D). It exposes
 * ``stages``: stage group name -> block indices, for one learning rate per stage group
   (``final`` belongs to the last stage);
 * ``forward_prefix(clip, n)`` / ``forward_suffix(h, n)``: the encoder split after block n, so a
-  frozen prefix can run under ``torch.no_grad()`` and its output can be cached.
+  frozen prefix can run under ``torch.no_grad()`` and its output can be cached;
+* ``prefix_samples(h)`` / ``prefix_batch(samples)``: that output split into one value per sample
+  and merged back (``trainables/feature_cache.py`` stores one entry per sample);
+* ``preprocess_version``: names the clip -> model-input mapping (a feature cache keys on it).
+
+The published contract (DOMAIN.md §6.1). With the published weights, ``echoprime`` and ``panecho``
+return in eval mode the embedding that the published inference code returns for the same 16 grey
+frames: the same OpenCV resize and crop on uint8 frames (``preprocess.py``), the same
+normalisation, and for PanEcho the same (B, 3, T, H, W) -> (B*T, 3, H, W) reshape *without* a
+permute, so each "frame" its ConvNeXt sees is three consecutive (channel, time) planes: the
+released weights were trained on that layout. One deliberate difference: EchoPrime's
+Dropout(0.5) before its 512-d projection is an Identity here, so the embedding is the same in
+train and eval mode and only the trained parameters change with k (dropout on the embedding is
+the landmark head's option). Landmark targets stay in the 112-px frame whatever the crop.
 
 Architectures are written from their published descriptions (DOMAIN.md §5-6); no EchoPrime or
-PanEcho code or weights are shipped. ``--weights`` points at the user's own copy.
+PanEcho code or weights are shipped. ``--weights`` points at the user's own copy. The baselines
+(``mvit_v2_s``, ``r3d_18``, ``resnet18_2d``, ``vit_b_16``) and ``tiny`` resize with torch.
 """
 
 from __future__ import annotations
@@ -23,6 +37,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from trainables.models import preprocess as published
 
 CLIP_LEN = 16
 ENCODERS: dict[str, "EncoderSpec"] = {}
@@ -70,6 +86,7 @@ class VideoEncoder(nn.Module):
     registry_name = ""
     embed_dim = 0
     stages: dict[str, range] = {}
+    preprocess_version = ""  # what a clip becomes before the stem; a feature cache keys on it
 
     def __init__(self):
         super().__init__()
@@ -115,6 +132,15 @@ class VideoEncoder(nn.Module):
                 return self.finish(h)
         return self.forward_suffix(h, self.split)
 
+    # --- the prefix output per sample (a feature cache stores one entry per sample) --------------
+    def prefix_samples(self, h) -> list:
+        """``forward_prefix``'s output for a batch as one value per sample, batch dimension removed;
+        ``prefix_batch`` is the inverse. Here ``h`` is a (B, ...) tensor."""
+        return list(h.unbind(0))
+
+    def prefix_batch(self, samples: list):
+        return torch.stack(samples)
+
     def train(self, mode: bool = True):
         super().train(mode)
         for m in self.frozen_modules:  # frozen norm statistics and dropout stay in eval mode
@@ -124,6 +150,16 @@ class VideoEncoder(nn.Module):
     def load_published(self, state: dict) -> None:
         """Load a checkpoint in its published key layout (strict; lists missing/unexpected keys)."""
         strict_load(self, state, self.registry_name)
+
+
+def set_drop_path(encoder: nn.Module, rate: float) -> None:
+    """Stochastic depth of the encoder's blocks: ``rate`` at the last, linear in depth (torchvision's
+    rule); 0 turns it off. Only trained blocks are affected: frozen ones run in eval mode."""
+    from torchvision.ops import StochasticDepth
+
+    layers = [m for m in encoder.modules() if isinstance(m, StochasticDepth)]
+    for i, layer in enumerate(layers):
+        layer.p = rate * i / max(1, len(layers) - 1)
 
 
 def strict_load(module: nn.Module, state: dict, what: str) -> None:
@@ -163,8 +199,6 @@ def _temporal_keep_ed_es(f: torch.Tensor) -> torch.Tensor:
 # MViTv2-S: EchoPrime and the MViTv2-S baseline
 # ---------------------------------------------------------------------------------------------
 
-ECHOPRIME_MEAN = (29.110628, 28.076836, 29.096405)  # 0-255 scale (DOMAIN.md §5)
-ECHOPRIME_STD = (47.989223, 46.456997, 47.20083)
 KINETICS_MEAN, KINETICS_STD = (0.45, 0.45, 0.45), (0.225, 0.225, 0.225)
 MVIT_STAGES = {"stage1": range(0, 1), "stage2": range(1, 3), "stage3": range(3, 14), "stage4": range(14, 16)}
 
@@ -200,6 +234,12 @@ class _MViT(VideoEncoder):
     def finish(self, h):
         return self.model.head(self.model.norm(h[0])[:, 0])
 
+    def prefix_samples(self, h) -> list:  # h = (tokens (B, N, C), thw): one (tokens (N, C), thw) each
+        return [(x, tuple(h[1])) for x in h[0].unbind(0)]
+
+    def prefix_batch(self, samples: list):
+        return torch.stack([x for x, _ in samples]), tuple(samples[0][1])
+
     def load_published(self, state):
         # Published EchoPrime encoder = a plain mvit_v2_s state dict with the 512-d head.
         strict_load(self.model, state, self.registry_name)
@@ -208,19 +248,25 @@ class _MViT(VideoEncoder):
 @register_encoder("echoprime", n_blocks=16, embed_dim=512,
                   description="EchoPrime video encoder: MViTv2-S, Linear(768->512) head, 16x224x224")
 class EchoPrimeEncoder(_MViT):
+    """The published head is Sequential(Dropout(0.5), Linear(768->512)). The Dropout is replaced by
+    an Identity (keeping ``head.1.*`` as the published key names): in the ``final`` group it would
+    be off for k = 0 and on for every k >= 1, a confound between regimes (DOMAIN.md §6.1)."""
+
     embed_dim = 512
+    preprocess_version = published.PREPROCESS_VERSION["echoprime"]
 
     def __init__(self):
-        super().__init__(nn.Sequential(nn.Dropout(0.5, inplace=True), nn.Linear(768, 512)))
+        super().__init__(nn.Sequential(nn.Identity(), nn.Linear(768, 512)))
+        self.published_input = published.echoprime_preprocess()
 
     def preprocess(self, clip):
-        x = resize_frames(clip, 224)  # (B, T, 224, 224), 0-255
-        return normalise(x, ECHOPRIME_MEAN, ECHOPRIME_STD, channel_dim=1)  # (B, 3, T, H, W)
+        return self.published_input(clip)  # (B, 3, T, 224, 224), as EchoPrime's crop_and_scale
 
 
 @register_encoder("mvit_v2_s", n_blocks=16, embed_dim=768, description="MViTv2-S baseline (Kinetics-400)")
 class MViTBaseline(_MViT):
     embed_dim = 768
+    preprocess_version = "torch-bicubic224-kinetics-v1"
     torchvision_weights = ("torchvision.models.video", "MViT_V2_S_Weights")
 
     def __init__(self):
@@ -249,6 +295,7 @@ def _resnet_blocks(model) -> list[nn.Module]:
 @register_encoder("r3d_18", n_blocks=8, embed_dim=512, description="ResNet-18 3D baseline (Kinetics-400), 112 px")
 class R3D18(VideoEncoder):
     embed_dim = 512
+    preprocess_version = "112-r3d-kinetics-v1"
     stages = RESNET_STAGES
     torchvision_weights = ("torchvision.models.video", "R3D_18_Weights")
 
@@ -278,8 +325,21 @@ class R3D18(VideoEncoder):
         strict_load(self.model, state, self.registry_name)
 
 
+def _frames_per_sample(h) -> list:
+    """(x, b) with x batch-major (B*T, ...) or (B, ...) -> one x slice of each sample."""
+    x, b = h
+    return list(x.reshape(b, -1, *x.shape[1:]).unbind(0))
+
+
+def _frames_batch(samples: list):
+    return torch.cat(samples), len(samples)
+
+
 class _PerFrame(VideoEncoder):
     """2D backbones applied to each frame; temporal pooling keeps the ED and ES frame features."""
+
+    prefix_samples = staticmethod(_frames_per_sample)
+    prefix_batch = staticmethod(_frames_batch)
 
     def embed(self, clip):
         b = clip.shape[0]
@@ -299,6 +359,7 @@ class _PerFrame(VideoEncoder):
                   description="ResNet-18 per frame (ImageNet), features of ED, ES and the temporal mean")
 class ResNet18Frames(_PerFrame):
     embed_dim = 3 * 512
+    preprocess_version = "112-imagenet-per-frame-v1"
     image_size = 112
     stages = RESNET_STAGES
     torchvision_weights = ("torchvision.models", "ResNet18_Weights")
@@ -330,6 +391,7 @@ class ResNet18Frames(_PerFrame):
                   description="ViT-B/16 per frame at 224 px (ImageNet), features of ED, ES and the temporal mean")
 class ViTB16Frames(_PerFrame):
     embed_dim = 3 * 768
+    preprocess_version = "torch-bicubic224-imagenet-per-frame-v1"
     image_size = 224
     stages = {"early": range(0, 4), "middle": range(4, 8), "late": range(8, 12)}
     torchvision_weights = ("torchvision.models", "ViT_B_16_Weights")
@@ -392,13 +454,20 @@ N_CONVNEXT_BLOCKS = 18  # depths 3, 3, 9, 3
 
 
 @register_encoder("panecho", n_blocks=N_CONVNEXT_BLOCKS + 4, embed_dim=768,
-                  description="PanEcho: ConvNeXt-Tiny per frame -> 4-layer Transformer (d 768) -> mean")
+                  description="PanEcho: ConvNeXt-Tiny per frame (channel-major, as published) -> "
+                              "4-layer Transformer (d 768) -> mean")
 class PanEchoEncoder(VideoEncoder):
     """Blocks 0-17 are the ConvNeXt blocks (a stage's downsampling layer goes with its first block,
     the ConvNeXt's final LayerNorm with the last), blocks 18-21 the Transformer layers, so
-    "unfreeze k <= 4" is the temporal model only (DOMAIN.md §9.5 leaves this choice open)."""
+    "unfreeze k <= 4" is the temporal model only (DOMAIN.md §9.5 leaves this choice open).
+
+    The ConvNeXt sees the published layout: 16 "frames" cut from the channel-major (3, T) planes
+    (``embed``), whose features become the 16 time tokens in order, as in the published model."""
 
     embed_dim = 768
+    preprocess_version = published.PREPROCESS_VERSION["panecho"]
+    prefix_samples = staticmethod(_frames_per_sample)  # h = (x, b): frames (B*T, ...) or tokens (B, T, 768)
+    prefix_batch = staticmethod(_frames_batch)
     stages = {"convnext.stage1": range(0, 3), "convnext.stage2": range(3, 6), "convnext.stage3": range(6, 15),
               "convnext.stage4": range(15, 18), "temporal": range(18, 22)}
 
@@ -409,6 +478,7 @@ class PanEchoEncoder(VideoEncoder):
                                            batch_first=True, norm_first=False)
         self.transformer = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
         self.time_encoder = SinusoidalPE(CLIP_LEN, 768)
+        self.published_input = published.panecho_preprocess()
         f = self.encoder.model.features
         self._units: list[list[nn.Module]] = []
         for stage in (1, 3, 5, 7):
@@ -424,8 +494,11 @@ class PanEchoEncoder(VideoEncoder):
         return out
 
     def embed(self, clip):
-        x = normalise(resize_frames(clip, 224) / 255, IMAGENET_MEAN, IMAGENET_STD, channel_dim=2)
-        return self.encoder.model.features[0](x.flatten(0, 1)), clip.shape[0]
+        x = self.published_input(clip)  # (B, 3, T, 224, 224), as PanEcho's dataset returns it
+        b, c, t, h, w = x.shape
+        # Published FrameTransformer: reshape with no permute, so each ConvNeXt "frame" holds three
+        # consecutive (channel, time) planes. The released weights were trained on exactly this.
+        return self.encoder.model.features[0](x.reshape(b * t, c, h, w)), b
 
     def block(self, i, h):
         x, b = h
@@ -464,6 +537,7 @@ class TinyVideoEncoder(VideoEncoder):
     a pooled or cls-token embedding learns localisation far more slowly at this size)."""
 
     embed_dim = 128
+    preprocess_version = "tiny-112-v1"
     stages = {"stage1": range(0, 2), "stage2": range(2, 4)}
     dim, n_tokens, reduce = 64, 8 * 7 * 7, 4
 

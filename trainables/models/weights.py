@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import pickle
 
 import torch
 
@@ -39,6 +40,14 @@ def load_weights(encoder, weights: str, sha256: str | None = None, s3_endpoint: 
             raise ValueError(f"weights {weights}: sha256 {actual} does not match the expected {sha256}")
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        from trainables.loop import unpickling_problem
+
+        code, what = unpickling_problem(exc)
+        if code:
+            raise ValueError(f"weights {weights}: refused to load: the file holds Python objects other than "
+                             f"tensors and plain data, which could run code ({what})") from None
+        raise ValueError(f"weights {weights}: not a loadable PyTorch state dict ({what})") from None
     except Exception as exc:
         raise ValueError(f"weights {weights}: not a loadable PyTorch state dict ({type(exc).__name__}: {exc})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
