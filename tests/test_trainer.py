@@ -26,7 +26,9 @@ from trainables.metrics import point_error_px
 
 EPOCH_LINE = re.compile(r"\[epoch (\d+)/\d+\] (.*)")
 REPORTED = ("epoch", "train_loss", "val_px_error", "val_px_error_ed", "val_px_error_es", "val_pct_error",
-            "val_dice_ed", "val_dice_es", "val_ef_mae", "trainable_params", "total_params", "samples_per_s")
+            "val_dice_ed", "val_dice_es", "val_dice_ed_pooled", "val_dice_es_pooled", "val_ef_mae_label",
+            "val_ef_mae_contour", "trainable_params", "encoder_trainable_params", "head_params", "total_params",
+            "samples_per_s")
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,20 @@ def start_trial(cfg_path: Path, log: Path) -> subprocess.Popen:
 
 
 def complete_checkpoints(run: Path) -> list[Path]:
-    return sorted(p for p in run.glob("checkpoint_*") if (p / "state.pt").is_file() and (p / "config.json").is_file())
+    """Checkpoint folders whose upload finished (complete.json is written last, with the sizes)."""
+    from trainables.checkpoints import _complete
+
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    return sorted(p for p in run.glob("checkpoint_*") if p.is_dir() and _complete(fs, str(p)) is not None)
+
+
+def unregistered(run: Path) -> list[str]:
+    """Checkpoint folders that Train's snapshot does not know (orphans)."""
+    snapshot = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+    known = {c["checkpoint_dir_name"] for c in snapshot["checkpoint_results"]}
+    return sorted(p.name for p in run.glob("checkpoint_*") if p.is_dir() and p.name not in known)
 
 
 def test_lr_schedule_is_a_pure_function_of_the_step():
@@ -105,7 +120,7 @@ def test_ddp_trial_reports_checkpoints_resumes_and_evaluates(trainer_data, s3_en
     os.killpg(first.pid, signal.SIGKILL)  # the whole driver session: Train controller, workers, Ray
     first.wait()
     log1 = (tmp_path / "first.log").read_text()
-    saved = [torch.load(p / "state.pt", weights_only=False)["next_epoch"] for p in complete_checkpoints(run)]
+    saved = [torch.load(p / "state.pt", weights_only=True)["next_epoch"] for p in complete_checkpoints(run)]
     assert saved, f"no checkpoint before the kill:\n{log1[-3000:]}"
     assert max(saved) < cfg.epochs, "the run finished before it could be killed; make it longer"
 
@@ -114,6 +129,7 @@ def test_ddp_trial_reports_checkpoints_resumes_and_evaluates(trainer_data, s3_en
     log2 = (tmp_path / "second.log").read_text()
     # `epoch` counts completed epochs; the restarted run continues with the next one.
     assert epochs_in(log2) == list(range(max(saved) + 1, cfg.epochs + 1)), log2[-3000:]
+    assert unregistered(run) == []  # no orphan checkpoint folder left behind
 
     result = json.loads(log2.strip().splitlines()[-1])
     metrics = result["metrics"]
@@ -141,6 +157,33 @@ def test_ddp_trial_reports_checkpoints_resumes_and_evaluates(trainer_data, s3_en
     test_metrics = json.loads(out.read_text())
     assert test_metrics["split"] == "test" and test_metrics["epochs_trained"] == cfg.epochs
     assert test_metrics["test_n"] > 0 and np.isfinite(test_metrics["test_px_error"])
+
+
+def test_a_checkpoint_train_never_registered_is_resumed_and_not_left_behind(trainer_data, s3_endpoint, tmp_path):
+    """A kill right after an epoch's report, before Train's controller registered the uploaded
+    checkpoint (simulated exactly by removing the snapshot), used to restart the trial from scratch
+    and leave the folder behind as an orphan."""
+    cfg = TrialConfig(encoder=EncoderCfg("tiny", n_unfrozen=1), head=HeadCfg("mlp"), optim=OptimCfg(base_lr=1e-3),
+                      data=DataCfg(uri=trainer_data, s3_endpoint=s3_endpoint, cache_dir=str(tmp_path / "cache"),
+                                   batch_size=8),
+                      epochs=4, workers=1, storage=str(tmp_path / "runs"), name="unreg", tensorboard=False)
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(cfg.to_json())
+    run = tmp_path / "runs" / "unreg"
+    first = start_trial(cfg_path, tmp_path / "first.log")
+    deadline = time.time() + 400
+    while not complete_checkpoints(run) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    done = [json.loads((p / "complete.json").read_text())["next_epoch"] for p in complete_checkpoints(run)]
+    assert done and max(done) < cfg.epochs, "no checkpoint before the kill, or the run finished"
+    (run / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)  # Train registered nothing
+    second = start_trial(cfg_path, tmp_path / "second.log")
+    assert second.wait(600) == 0, (tmp_path / "second.log").read_text()[-4000:]
+    log2 = (tmp_path / "second.log").read_text()
+    assert epochs_in(log2) == list(range(max(done) + 1, cfg.epochs + 1)), log2[-3000:]
+    assert unregistered(run) == [] and len(complete_checkpoints(run)) <= 2
 
 
 def test_tiny_encoder_learns(trainer_data, s3_endpoint, tmp_path):

@@ -10,12 +10,50 @@ trial finds its checkpoints and resumes by itself.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from trainables.config import TrialConfig
 
 # Worker groups start slowly on small machines and on autoscaled GPU pools (RAY.md §1.7).
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(address: str | None) -> None:
+    """Start (or, with ``address``, join) this program's own Ray instance.
+
+    Without ``address`` a *new* local instance starts (``address="local"``), never one that
+    ``ray start``, a notebook or another search left on the machine. Train V2 frees the placement
+    groups of finished and stopped trials through the State API (RAY.md §1.7), whose client finds
+    its server by looking for Ray instances on the machine and gives up when it sees several
+    ("multiple active Ray instances"): the placement group leaks and the next trial waits forever.
+    So the State API address is pinned, for this process and every Ray process it starts, before
+    Ray starts.
+    """
+    import ray
+
+    # Train's controller polls its workers (reports, the end of a run) every 2 s by default: a
+    # fixed ~6 s per trial on the 2-core demo machine. Polling every 0.5 s costs nothing noticeable.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    if address:
+        if address == "auto":
+            from ray._private.services import canonicalize_bootstrap_address_or_die
+            address = canonicalize_bootstrap_address_or_die(address)
+        os.environ["RAY_ADDRESS"] = address  # the State API resolves the cluster from it
+        env = {"RAY_ADDRESS": address, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":
+               os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
+        ray.init(address=address, include_dashboard=True, log_to_driver=True, runtime_env={"env_vars": env})
+        return
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"  # inherited by Ray's processes
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             log_to_driver=True)
 
 
 def default_storage() -> str:
@@ -31,7 +69,7 @@ def resolve(cfg: TrialConfig, name: str | None = None) -> TrialConfig:
     return cfg.validate()
 
 
-def build_trainer(cfg: TrialConfig, callbacks=()):
+def build_trainer(cfg: TrialConfig, callbacks=(), tune_epoch: int = 0):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -45,15 +83,17 @@ def build_trainer(cfg: TrialConfig, callbacks=()):
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
     scaling = ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.use_gpu,
                                       resources_per_worker={"CPU": 1, **({"GPU": 1} if cfg.use_gpu else {})})
-    return TorchTrainer(train_loop_per_worker, train_loop_config=cfg.to_dict(), scaling_config=scaling,
-                        run_config=run_config)
+    return TorchTrainer(train_loop_per_worker, train_loop_config={"trial": cfg.to_dict(), "tune_epoch": tune_epoch},
+                        scaling_config=scaling, run_config=run_config)
 
 
-def trial_driver(config: dict) -> None:
-    """Ray Tune trainable: ``config`` is a TrialConfig dict (possibly under the key ``trial``)."""
+def trial_driver(config: dict, tune_epoch: int = 0) -> None:
+    """Ray Tune trainable: ``config`` is a TrialConfig dict (possibly under the key ``trial``);
+    ``tune_epoch`` is how many epochs Tune already holds for this trial (a restarted trial)."""
     import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from trainables.tune_report import ExactlyOnceReport
 
     cfg = TrialConfig.from_dict(config.get("trial", config))
     cfg = resolve(cfg, f"train-{ray.tune.get_context().get_trial_id()}")
-    build_trainer(cfg, callbacks=[TuneReportCallback()]).fit()
+    build_trainer(cfg, callbacks=[ExactlyOnceReport(tune_epoch)], tune_epoch=tune_epoch).fit()

@@ -35,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import ray
 
-    ray.init(address=args.address, include_dashboard=None, log_to_driver=True)
+    from trainables.driver import init_ray
+
+    init_ray(args.address)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.use_gpu and gpus < cfg.workers and not args.address:  # Train would wait for them for ever
+        print(f"error: the trial config asks for use_gpu with {cfg.workers} worker(s), but this machine's Ray "
+              f"instance has {gpus:g} GPU(s); set \"use_gpu\": false or run on a machine with GPUs", file=sys.stderr)
+        return 2
     print(f"trial {cfg.name}: encoder {cfg.encoder.name} n_unfrozen={cfg.encoder.n_unfrozen} head {cfg.head.type}, "
           f"{cfg.workers} worker(s), {cfg.epochs} epochs; runs in {cfg.storage}/{cfg.name}", flush=True)
     try:
@@ -45,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(json.dumps({"name": cfg.name, "metrics": result.metrics,
                       "checkpoint": result.checkpoint.path if result.checkpoint else None}, default=str))
+    if (result.metrics or {}).get("non_finite"):
+        print(f"error: trial {cfg.name} stopped: {result.metrics['non_finite']}", file=sys.stderr)
+        return 1
     return 0
 
 
