@@ -31,7 +31,7 @@ def replay_config(folder: Path, point: int, epochs: int) -> dict:
         raise ValueError(f"--point {point}: the front has {len(front)} points (0..{len(front) - 1})")
     trial_id = front[point]["trial_id"]
     exp = f"{settings['storage'].rstrip('/')}/{settings['name']}"
-    fs, base = storage.open_fs(exp)
+    fs, base = storage.open_fs(exp, settings.get("s3_endpoint"))
     config = json.loads(fs.cat_file(f"{base}/trial_{trial_id}/params.json"))
     params = params_of(config)
     SPACES[settings["space"]].fn(optuna.trial.FixedTrial(params), settings["encoder"])  # same space, same params
@@ -56,9 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    import ray
+    from trainables.driver import init_ray
 
-    ray.init(address=args.address)
+    init_ray(args.address)
     print(f"replaying front point {args.point} as {cfg.name} for {cfg.epochs} epochs in {cfg.storage}", flush=True)
     result = build_trainer(cfg).fit()
     print(json.dumps({"name": cfg.name, "metrics": result.metrics,

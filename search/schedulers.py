@@ -1,32 +1,146 @@
-"""ASHA stratified by a scientific parameter (default: the number of unfrozen blocks).
+"""ASHA stratified by the scientific cell, that stops non-finite trials and survives ``--resume``.
 
-Plain ASHA ranks every trial against every other at each rung. A frozen encoder (k = 0) or a
-few unfrozen blocks reach a higher error after one epoch than full fine-tuning, yet they are the
-cheap end of the Pareto front we are after; ranked together, ASHA would stop them first. So each
-value of ``stratum`` gets its own ASHA: trials are only compared with trials of the same k
-(tuning_playbook: compare nuisance settings within one value of a scientific parameter).
+Plain ASHA ranks every trial against every other at each rung. A frozen encoder, a few unfrozen
+blocks or a GCN head may reach a higher error after one epoch than full fine-tuning with an MLP,
+yet they are exactly the cells the search must compare; ranked together, ASHA would stop them
+first. So each scientific cell of the space (e.g. ``n_unfrozen=2 head=gcn``, and the encoder where
+the space picks it) gets its own ASHA: a trial only meets trials of its own cell (tuning_playbook:
+compare nuisance settings within one value of the scientific parameters).
+
+A NaN or infinite metric stops the trial at its first such result. Tune saves no scheduler
+state, so the rungs and every stop decision are written to ``scheduler.json`` in the experiment
+folder after each decision (search/journal.py); a resumed search reloads them, stops the trials
+that were already stopped before they start again (a kill between the stop and Tune's state
+snapshot used to let them continue), and tells each restarted trial how many epochs Tune already
+holds (``tune_epoch`` in its config) so that its driver reports the missing ones exactly once.
 """
 
 from __future__ import annotations
 
+import json
+import math
+
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
+from search import journal
+from search.spaces import cell_key
 
-class StratifiedASHA(FIFOScheduler):
-    """One ``AsyncHyperBandScheduler`` per value of ``trial.config[stratum]``."""
+TUNE_EPOCH = "tune_epoch"
 
-    def __init__(self, stratum: str = "n_unfrozen", **asha_kwargs):
+
+class ResumingFIFO(FIFOScheduler):
+    """FIFO that stops a trial at its first non-finite metric and resumes trials exactly: a trial
+    stopped before a kill is stopped again instead of restarted (a non-finite one told FAIL with
+    its reason), and a restored trial gets its stored logs back and learns how many epochs Tune
+    holds (``tune_epoch`` in its config) as soon as it is added — Tune may start it without asking
+    ``choose_trial_to_run`` when several trials run at once."""
+
+    def __init__(self, metric: str = "val_px_error", time_attr: str = "epoch"):
         super().__init__()
-        self.stratum, self.asha_kwargs = stratum, asha_kwargs
-        self._metric, self._mode = asha_kwargs.get("metric"), asha_kwargs.get("mode")
+        self._metric, self.time_attr = metric, time_attr
+        self.stopped: dict[str, int] = {}  # trial id -> epoch of the stop (ASHA or non-finite)
+        self.reasons: dict[str, str] = {}  # trial id -> why a non-finite trial was stopped
+        self.n_non_finite = 0
+        self._loaded = False
+
+    def on_trial_add(self, tune_controller, trial):
+        self._load()
+        here = journal.active()
+        if here is not None and isinstance(trial.config.get("base"), dict):  # a moved experiment: Train
+            trial.config["base"] = trial.config["base"] | {"storage": here.experiment}  # runs go where it is now
+        if trial.trial_id in self.stopped:
+            return  # about to be stopped again (choose_trial_to_run)
+        held = int((trial.last_result or {}).get(self.time_attr, 0) or 0)
+        if held and getattr(trial, "storage", None) is not None:  # restored: its logs are in storage
+            held = max(held, journal.restore_trial_logs(trial))
+        trial.config[TUNE_EPOCH] = held
+
+    def on_trial_result(self, tune_controller, trial, result) -> str:
+        if self.non_finite(result):
+            return self._stop_non_finite(trial, result)
+        return TrialScheduler.CONTINUE
+
+    def non_finite(self, result) -> bool:
+        value = result.get(self._metric)
+        return bool(result.get("non_finite")) or (isinstance(value, (int, float)) and not math.isfinite(value))
+
+    def _stop_non_finite(self, trial, result) -> str:
+        from search.study import non_finite
+
+        self.n_non_finite += 1
+        self.reasons[trial.trial_id] = non_finite(result) or f"{self._metric} is not finite"
+        return self._stop(trial, result)
+
+    def _stop(self, trial, result) -> str:
+        self.stopped[trial.trial_id] = int(result.get(self.time_attr, 0))
+        self._save()
+        return TrialScheduler.STOP
+
+    def choose_trial_to_run(self, tune_controller):
+        self._load()
+        for trial in tune_controller.get_trials():
+            if trial.status == trial.PENDING and trial.trial_id in self.stopped:
+                searcher = journal.searcher()
+                if trial.trial_id in self.reasons and searcher is not None:  # FAIL, not PRUNED
+                    searcher.fail(trial.trial_id, f"non-finite metric: {self.reasons[trial.trial_id]}")
+                tune_controller.stop_trial(trial)
+        return super().choose_trial_to_run(tune_controller)
+
+    def state(self) -> dict:
+        return {"stopped": self.stopped, "reasons": self.reasons, "n_non_finite": self.n_non_finite}
+
+    def _save(self) -> None:
+        try:
+            folder = journal.folder()
+        except RuntimeError:  # used outside a search (unit tests): nothing to persist
+            return
+        journal.write_json(folder / journal.SCHEDULER_FILE, self.state())
+
+    def _load(self) -> dict:
+        if self._loaded:
+            return {}
+        self._loaded = True
+        try:
+            path = journal.folder() / journal.SCHEDULER_FILE
+        except RuntimeError:
+            return {}
+        if not path.is_file():
+            return {}
+        state = json.loads(path.read_text())
+        self.stopped.update({k: int(v) for k, v in state.get("stopped", {}).items()})
+        self.reasons.update(state.get("reasons", {}))
+        self.n_non_finite = state.get("n_non_finite", 0)
+        return state
+
+    def debug_string(self) -> str:
+        return f"Using FIFO scheduling: {len(self.stopped)} stopped for non-finite metrics"
+
+
+class StratifiedASHA(ResumingFIFO):
+    """One ``AsyncHyperBandScheduler`` per scientific cell (``cell_key`` of ``scientific``)."""
+
+    def __init__(self, scientific: tuple[str, ...] = ("n_unfrozen",), **asha_kwargs):
+        super().__init__(asha_kwargs.get("metric"), asha_kwargs.get("time_attr", "epoch"))
+        if asha_kwargs.get("reduction_factor", 2) < 2:
+            raise ValueError(f"ASHA reduction_factor must be at least 2, not {asha_kwargs['reduction_factor']}")
+        self.scientific, self.asha_kwargs = tuple(scientific), asha_kwargs
+        self._mode = asha_kwargs.get("mode")
         self.by_stratum: dict[str, AsyncHyperBandScheduler] = {}
         self.stratum_of: dict[str, str] = {}
 
+    # --- strata ----------------------------------------------------------------------------------
+    def stratum(self, config: dict) -> str:
+        return cell_key(config, self.scientific)
+
     def _asha(self, trial) -> AsyncHyperBandScheduler:
-        key = self.stratum_of.setdefault(trial.trial_id, str(trial.config.get(self.stratum)))
+        self._load()
+        key = self.stratum_of.setdefault(trial.trial_id, self.stratum(trial.config))
         if key not in self.by_stratum:
             self.by_stratum[key] = AsyncHyperBandScheduler(**self.asha_kwargs)
-        return self.by_stratum[key]
+        asha = self.by_stratum[key]
+        if trial.trial_id not in asha._trial_info:
+            asha._trial_info[trial.trial_id] = asha._brackets[0]
+        return asha
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         if self._metric and metric and metric != self._metric:
@@ -35,28 +149,58 @@ class StratifiedASHA(FIFOScheduler):
         self.asha_kwargs.update(metric=self._metric, mode=self._mode)
         return True
 
+    # --- Tune scheduler API ----------------------------------------------------------------------
     def on_trial_add(self, tune_controller, trial):
-        self._asha(trial).on_trial_add(tune_controller, trial)
+        super().on_trial_add(tune_controller, trial)
+        self._asha(trial)
 
     def on_trial_result(self, tune_controller, trial, result) -> str:
-        return self._asha(trial).on_trial_result(tune_controller, trial, result)
+        if self.non_finite(result):
+            return self._stop_non_finite(trial, result)
+        decision = self._asha(trial).on_trial_result(tune_controller, trial, result)
+        if decision == TrialScheduler.STOP and result.get(self.time_attr, 0) < self.asha_kwargs["max_t"]:
+            return self._stop(trial, result)
+        self._save()
+        return decision
 
     def on_trial_complete(self, tune_controller, trial, result):
-        self._asha(trial).on_trial_complete(tune_controller, trial, result)
+        asha = self._asha(trial)
+        value = result.get(self._metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            asha.on_trial_complete(tune_controller, trial, result)
+        else:
+            asha._trial_info.pop(trial.trial_id, None)
+        self._save()
 
     def on_trial_remove(self, tune_controller, trial):
-        self._asha(trial).on_trial_remove(tune_controller, trial)
+        self._asha(trial)._trial_info.pop(trial.trial_id, None)
+        self._save()
 
     def on_trial_error(self, tune_controller, trial):
         self.on_trial_remove(tune_controller, trial)
 
+    # --- persistence -----------------------------------------------------------------------------
+    def state(self) -> dict:
+        return super().state() | {"strata": {key: [[m, rec] for m, rec in asha._brackets[0]._rungs]
+                                             for key, asha in self.by_stratum.items()},
+                                  "stratum_of": self.stratum_of}
+
+    def _load(self) -> dict:
+        state = super()._load()
+        self.stratum_of.update(state.get("stratum_of", {}))
+        for key, rungs in state.get("strata", {}).items():
+            asha = self.by_stratum.setdefault(key, AsyncHyperBandScheduler(**self.asha_kwargs))
+            for (milestone, recorded), (_, target) in zip(rungs, asha._brackets[0]._rungs):
+                target.update(recorded)
+        return state
+
     @property
     def num_stopped(self) -> int:
-        return sum(a._num_stopped for a in self.by_stratum.values())
+        return len(self.stopped)
 
     def debug_string(self) -> str:
-        return (f"Using ASHA stratified by {self.stratum}: num_stopped={self.num_stopped} "
-                f"in {len(self.by_stratum)} strata ({', '.join(self.by_stratum)})")
+        return (f"Using ASHA stratified by scientific cell ({', '.join(self.scientific)}): "
+                f"{self.num_stopped} stopped ({self.n_non_finite} non-finite) in {len(self.by_stratum)} cells")
 
 
-__all__ = ["StratifiedASHA", "TrialScheduler"]
+__all__ = ["ResumingFIFO", "StratifiedASHA", "TrialScheduler", "TUNE_EPOCH"]

@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -39,65 +38,65 @@ def sample(space: str, encoder: str, seed: int) -> dict:
 @pytest.mark.parametrize("space", list(SPACES))
 def test_every_space_samples_valid_trial_configs(space):
     encoder = DEFAULT_ENCODER.get(space, "echoprime")
-    seen_k = set()
-    for seed in range(12):
+    seen_k, regimes = set(), set()
+    for seed in range(16):
         config = sample(space, encoder, seed)
         cfg = TrialConfig.from_dict(apply(params_of(config), config["base"], config["weights"])).validate()
         seen_k.add(str(cfg.encoder.n_unfrozen))
+        regimes.add("lora" if cfg.encoder.lora else "unfreeze")
         assert cfg.head.type in ("mlp", "gcn")
-        groups = set(lr_groups_for(cfg.encoder.name, cfg.encoder.n_unfrozen))
+        groups = set(lr_groups_for(cfg.encoder.name, cfg.encoder.n_unfrozen, cfg.encoder.lora))
         assert set(cfg.optim.lr) <= groups  # never an LR for a group that does not train
-        if space in ("selective_ft", "frozen", "full_ft"):  # one per trained stage group: conditional params
+        if space in ("selective_ft", "frozen", "full_ft", "peft"):  # one per trained group: conditional params
             assert set(cfg.optim.lr) == groups
+        if cfg.encoder.lora:
+            assert cfg.encoder.n_unfrozen == 0 and set(cfg.optim.lr) == {"lora", "head"}
     s = SPACES[space]
     assert s.scientific and s.nuisance and s.description
-    assert len(seen_k) >= (1 if space in ("frozen", "full_ft", "baselines") else 2)
+    assert len(seen_k) >= (1 if space in ("frozen", "full_ft", "baselines", "peft") else 2)
+    assert regimes == ({"unfreeze", "lora"} if space == "selective_ft" else {"lora"} if space == "peft"
+                       else {"unfreeze"})
 
 
-def test_selective_ft_covers_the_sensible_k_values():
-    ks = {str(sample("selective_ft", "echoprime", seed)["n_unfrozen"]) for seed in range(60)}
-    assert ks == {"0", "1", "2", "4", "8", "16", "all"}
+def test_selective_ft_covers_the_sensible_k_values_and_lora_depths():
+    seen = [sample("selective_ft", "echoprime", seed) for seed in range(80)]
+    assert {str(c["n_unfrozen"]) for c in seen if c["regime"] == "unfreeze"} == {"0", "1", "2", "4", "8", "16", "all"}
+    assert {c["lora_last"] for c in seen if c["regime"] == "lora"} == {2, 4, 16}
+    cells = SPACES["selective_ft"].cells("echoprime")
+    assert len(cells) == 7 * 2 + 3 * 2 and {c["regime"] for c in cells} == {"unfreeze", "lora"}
+    assert len(SPACES["selective_ft"].cells("tiny")) == 8  # the embedded default's coarse grid
+
+
+def test_lora_parameters_reach_the_trial_config():
+    config = apply({"regime": "lora", "lora_last": 4, "lora_rank": 16, "head": "mlp", "lr_lora": 1e-3,
+                    "lr_head": 1e-2}, {"encoder": {"name": "echoprime", "n_unfrozen": "all"}, "data": {"uri": "x"}})
+    cfg = TrialConfig.from_dict(config).validate()
+    assert cfg.encoder.n_unfrozen == 0 and cfg.encoder.lora.rank == 16 and cfg.encoder.lora.last == 4
+    assert cfg.optim.lr == {"lora": 1e-3, "head": 1e-2}
+    with pytest.raises(ValueError, match="needs an encoder among"):
+        get_space("peft").check_encoder("r3d_18")  # the ResNets have no Linear to adapt
 
 
 def test_unknown_space_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="choose one of selective_ft, frozen, full_ft, baselines, paper, smoke"):
+    with pytest.raises(ValueError, match="choose one of selective_ft, peft, frozen, full_ft, baselines, paper, smoke"):
         get_space("nope")
     with pytest.raises(ValueError, match="needs an encoder among tiny"):
         get_space("smoke").check_encoder("echoprime")
 
 
-def test_stratified_asha_compares_only_within_a_stratum():
-    from ray.tune.schedulers import TrialScheduler
-
-    from search.schedulers import StratifiedASHA
-
-    sched = StratifiedASHA("n_unfrozen", time_attr="epoch", metric="err", mode="min", max_t=4, grace_period=1,
-                           reduction_factor=2)
-    trials = {name: SimpleNamespace(trial_id=name, config={"n_unfrozen": k})
-              for name, k in [("full-a", "all"), ("full-b", "all"), ("frozen-a", 0), ("frozen-b", 0)]}
-    for t in trials.values():
-        sched.on_trial_add(None, t)
-    decide = lambda name, err: sched.on_trial_result(None, trials[name], {"epoch": 1, "err": err})  # noqa: E731
-    assert decide("full-a", 2.0) == TrialScheduler.CONTINUE
-    assert decide("full-b", 5.0) == TrialScheduler.STOP  # worse than its own stratum
-    # The frozen trials are far worse than full fine-tuning, but only meet each other.
-    assert decide("frozen-a", 9.0) == TrialScheduler.CONTINUE
-    assert decide("frozen-b", 8.0) == TrialScheduler.CONTINUE
-    assert sched.num_stopped == 1 and set(sched.by_stratum) == {"all", "0"}
-
-
 @pytest.mark.parametrize("multi", [False, True])
 def test_searcher_study_is_persistent_and_unique(tmp_path, multi):
-    from search.run import make_searcher
+    from search.tuner import make_searcher
 
     settings = {"space": "smoke", "encoder": "tiny", "multi_objective": multi, "sampler": "tpe", "seed": 0,
-                "study_name": f"exp-{multi}"}
+                "study_name": f"exp-{multi}", "per_cell": 1, "num_samples": 4, "max_epochs": 3}
     searcher = make_searcher(settings, tmp_path, {"encoder": {"name": "tiny"}, "data": {"uri": "x"}})
     searcher.set_search_properties(None, None, {})
     config = searcher.suggest("t1")
     assert config["n_unfrozen"] in (0, "all") and "base" in config
     study = optuna.load_study(study_name=f"exp-{multi}", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
-    assert len(study.directions) == (2 if multi else 1) and len(study.trials) == 1
+    assert len(study.directions) == (2 if multi else 1)
+    assert [t.state.name for t in study.trials] == ["RUNNING", "WAITING", "WAITING", "WAITING"]  # 4 cells enqueued
 
 
 def test_pareto_mask_matches_brute_force():
@@ -133,15 +132,39 @@ def search_cmd(data, endpoint, storage, name, *extra):
             "--storage", str(storage), "--name", name, "--max-epochs", "3", "--seed", "3", *extra]
 
 
+SECRET, KEY_ID = "sentinel-SECRET-4f2a9c", "sentinel-KEYID-77e1"  # moto accepts any credentials
+
+
 def env():
-    e = dict(os.environ, PYTHONUNBUFFERED="1")
+    e = dict(os.environ, PYTHONUNBUFFERED="1", AWS_SECRET_ACCESS_KEY=SECRET, AWS_ACCESS_KEY_ID=KEY_ID)
     e.pop("RAY_ADDRESS", None)
     return e
+
+
+def assert_no_secret(folder: Path, *outputs: str) -> None:
+    """The sentinel credentials appear in no file of the experiment (TensorBoard events included)
+    and in no printed line."""
+    for text in outputs:
+        assert SECRET not in text and KEY_ID not in text
+    for path in folder.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert SECRET.encode() not in data and KEY_ID.encode() not in data, path
 
 
 def trial_rows(folder: Path) -> list[dict]:
     with (folder / "pareto.csv").open() as f:
         return list(csv.DictReader(f))
+
+
+def study_of(folder: Path):
+    settings = json.loads((folder / "search_config.json").read_text())
+    return optuna.load_study(study_name=settings["study_name"], storage=f"sqlite:///{folder / 'optuna.db'}")
+
+
+def results_by_trial(folder: Path) -> dict[str, list[dict]]:
+    return {f.parent.name[len("trial_"):]: [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            for f in folder.glob("trial_*/result.json")}
 
 
 def test_search_end_to_end(search_data, s3_endpoint, tmp_path):
@@ -151,14 +174,23 @@ def test_search_end_to_end(search_data, s3_endpoint, tmp_path):
     out = proc.stdout
     folder = tmp_path / "e2e"
     assert f"experiment folder: {folder}" in out and f"tensorboard --logdir {folder}" in out
-    assert "stopped early" in out  # the summary table
+    assert "budget: 4 cells (n_unfrozen x head) x 1 trial(s) each, then 2 chosen by the sampler" in out
 
     pareto = subprocess.run([sys.executable, "-m", "search.pareto", str(folder), "--evaluate-test"],
                             capture_output=True, text=True, timeout=300, env=env())
     assert pareto.returncode == 0, pareto.stderr
     rows = trial_rows(folder)
     assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
-    assert any(r["completed"] == "False" for r in rows), "ASHA stopped no trial"
+    # Every cell of the smoke grid was tried, and the study tells what happened to each trial.
+    cells = {(r["n_unfrozen"], r["head"]) for r in rows}
+    assert cells == {("0", "mlp"), ("0", "gcn"), ("all", "mlp"), ("all", "gcn")}
+    study = {t.user_attrs["tune_trial_id"]: t for t in study_of(folder).trials}
+    results = results_by_trial(folder)
+    assert set(study) == set(results) == {r["trial_id"] for r in rows}
+    for tid, t in study.items():
+        assert t.state.name in ("COMPLETE", "PRUNED")
+        assert (t.state.name == "COMPLETE") == (len(results[tid]) == 3)
+        assert t.intermediate_values == {r["epoch"]: r["val_px_error"] for r in results[tid]}
     # The exported front equals an independent non-dominated computation over completed trials.
     done = [(r["trial_id"], float(r["val_px_error"]), int(r["trainable_params"])) for r in rows
             if r["completed"] == "True"]
@@ -167,12 +199,19 @@ def test_search_end_to_end(search_data, s3_endpoint, tmp_path):
     summary = json.loads((folder / "pareto.json").read_text())
     assert {t["trial_id"] for t in summary["front"]} == expected
     assert {r["trial_id"] for r in rows if r["on_front"] == "True"} == expected
+    assert summary["axes"]["x"].startswith("trainable_params")
     for t in summary["front"]:
-        assert {"trial_id", "val_px_error", "trainable_params", "n_unfrozen", "head", "checkpoint_path",
-                "total_params", "gpu_hours", "params"} <= set(t)
+        assert {"trial_id", "val_px_error", "trainable_params", "encoder_trainable_params", "head_params",
+                "n_unfrozen", "head", "checkpoint_path", "total_params", "gpu_hours", "params"} <= set(t)
+        assert t["encoder_trainable_params"] + t["head_params"] == t["trainable_params"]
         assert Path(t["checkpoint_path"], "state.pt").is_file()
         assert t["test_n"] > 0 and np.isfinite(t["test_px_error"])  # --evaluate-test scored it
     assert summary["hypervolume"] > 0 and (folder / "pareto.png").stat().st_size > 10_000
+    with (folder / "regimes.csv").open() as f:
+        regimes = list(csv.DictReader(f))
+    assert {(r["n_unfrozen"], r["head"]) for r in regimes} == cells and len(regimes) == 4
+    assert sum(int(r["trials"]) for r in regimes) == 6
+    assert "| tiny |" in (folder / "regimes.md").read_text()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -198,39 +237,74 @@ def test_search_end_to_end(search_data, s3_endpoint, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "search.replay", str(folder), "--point", "99", "--epochs", "1"],
                          capture_output=True, text=True, timeout=120, env=env())
     assert bad.returncode == 2 and "the front has" in bad.stderr
+    check_optuna_dashboard(folder, study)
+    assert any(folder.rglob("events.out.tfevents*"))
+    assert_no_secret(folder, proc.stdout, proc.stderr, pareto.stdout, pareto.stderr, rep.stdout, rep.stderr)
 
 
-def test_resume_after_kill_finishes_every_trial_once(search_data, s3_endpoint, tmp_path):
-    cmd = search_cmd(search_data, s3_endpoint, tmp_path, "killed", "--num-samples", "4")
-    first = subprocess.Popen(cmd, stdout=(tmp_path / "first.log").open("w"), stderr=subprocess.STDOUT, env=env(),
-                             start_new_session=True)
-    folder = tmp_path / "killed"
-    deadline = time.time() + 600
+def check_optuna_dashboard(folder: Path, study: dict) -> None:
+    """optuna-dashboard, started on 127.0.0.1 against the finished study, serves its trials."""
+    import urllib.request
 
-    def finished() -> int:
-        n = 0
-        for result in folder.glob("trial_*/result.json"):
-            lines = [json.loads(x) for x in result.read_text().splitlines() if x.strip()]
-            n += any(x.get("done") or x.get("epoch") == 3 for x in lines)
-        return n
+    from tests.conftest import free_port
 
-    while finished() < 1 and first.poll() is None and time.time() < deadline:
-        time.sleep(1)
-    assert first.poll() is None, "the search ended before it could be killed"
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
-    time.sleep(2)
+    port = free_port()
+    dash = subprocess.Popen([str(Path(sys.executable).parent / "optuna-dashboard"), f"sqlite:///{folder / 'optuna.db'}",
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                studies = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2).read())
+                break
+            except OSError:
+                assert time.time() < deadline and dash.poll() is None, "optuna-dashboard did not start"
+                time.sleep(0.5)
+        (entry,) = studies["study_summaries"]
+        detail = json.loads(urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/studies/{entry['study_id']}", timeout=10).read())
+        served = {next(a["value"] for a in t["user_attrs"] if a["key"] == "tune_trial_id"): t["state"]
+                  for t in detail["trials"]}
+        assert served == {tid: t.state.name.capitalize() for tid, t in study.items()}
+    finally:
+        dash.terminate()
+        dash.wait(10)
 
-    second = subprocess.run(cmd[:cmd.index("--name")] + ["--name", "killed", "--resume"], capture_output=True,
-                            text=True, timeout=900, env=env())
-    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
-    assert "(resumed)" in second.stdout
-    subprocess.run([sys.executable, "-m", "search.pareto", str(folder)], check=True, capture_output=True, timeout=300)
-    rows = trial_rows(folder)
-    assert len(rows) == 4 and len({r["trial_id"] for r in rows}) == 4  # none lost, none run twice
-    with sqlite3.connect(folder / "optuna.db") as db:
-        states = db.execute("SELECT state FROM trials").fetchall()
-    assert len(states) == 4 and {s for (s,) in states} == {"COMPLETE"}
+
+def test_study_tells_the_truth_when_asha_stops_and_trials_diverge(tmp_path):
+    """A multi-objective smoke search (rehearsal: real Train runs, made-up curves) in which ASHA
+    stops trials and some configurations diverge: the study has no RUNNING trial, every COMPLETE
+    trial ran all epochs, stopped ones are PRUNED with their epochs as intermediate values, the
+    diverged ones are FAIL with their reason and infeasible in the export, the search went on to
+    its last trial, and the study's own best trials are the exported front."""
+    e = env() | {"ECHOTUNE_REHEARSAL_EPOCH_S": "0.3", "ECHOTUNE_REHEARSAL_DIVERGE": "0.2"}
+    cmd = [sys.executable, "-m", "search.run", "--space", "smoke", "--trainable", "rehearsal", "--multi-objective",
+           "--storage", str(tmp_path), "--name", "truth", "--max-epochs", "3", "--per-cell", "2", "--seed", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=e)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    folder = tmp_path / "truth"
+    study = study_of(folder)
+    trials = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    results = results_by_trial(folder)
+    assert len(trials) == len(results) == 8
+    states = {tid: t.state.name for tid, t in trials.items()}
+    assert "RUNNING" not in states.values() and "PRUNED" in states.values() and "FAIL" in states.values()
+    for tid, t in trials.items():
+        epochs = [r["epoch"] for r in results[tid]]
+        if t.state.name == "COMPLETE":
+            assert epochs == [1, 2, 3]
+        elif t.state.name == "PRUNED":
+            assert len(epochs) < 3 and sorted(t.intermediate_values) == epochs
+        else:
+            assert "non-finite" in t.user_attrs["fail_reason"] and "rehearsed divergence" in t.user_attrs["fail_reason"]
+    rows = {r["trial_id"]: r for r in trial_rows(folder)}
+    front = {tid for tid, r in rows.items() if r["on_front"] == "True"}
+    assert front == {t.user_attrs["tune_trial_id"] for t in study.best_trials}
+    for tid, state in states.items():
+        assert (rows[tid]["infeasible"] == "True") == (state == "FAIL") and rows[tid]["state"] == state
+        if state == "FAIL":
+            assert tid not in front and "divergence" in rows[tid]["reason"]
 
 
 # --- bad inputs (no Ray needed: they fail before it starts) --------------------------------------------

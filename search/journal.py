@@ -1,0 +1,250 @@
+"""Everything ``--resume`` needs lives with the experiment in its storage.
+
+An experiment is ``<storage>/<name>/``: Tune's own state and trial folders, the Train runs, and
+three files of ours that this module keeps there:
+
+* ``search_config.json`` — the search settings (written once);
+* ``optuna.db`` — the Optuna study (SQLite cannot live on S3, so the head works on a local copy in
+  ``results/<name>/`` and uploads a consistent snapshot after every trial result);
+* ``scheduler.json`` — the stratified ASHA's rungs and stop decisions (Tune does not save a
+  scheduler's state; without it a resumed search forgot which trials were stopped).
+
+For a local ``--storage`` the local folder *is* the experiment folder and nothing is copied. On
+``--resume`` with ``s3://`` storage, ``pull`` restores the files to the local folder first, so a
+replacement head resumes where the old one stopped.
+
+Tune pickles the searcher and scheduler into the experiment and unpickles them on restore, possibly
+on another machine; they find this head's folder through ``folder()`` (set by ``search.run``)
+rather than a path baked into the pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+from ray.tune import Callback
+
+from trainables.data import storage as store
+
+SETTINGS_FILE, STUDY_FILE, SCHEDULER_FILE = "search_config.json", "optuna.db", "scheduler.json"
+log = logging.getLogger("echotune.search")
+FILES = (SETTINGS_FILE, STUDY_FILE, SCHEDULER_FILE)
+
+_STATE: dict = {"folder": None, "searcher": None, "journal": None}
+
+
+def set_folder(folder: Path) -> None:
+    _STATE["folder"] = Path(folder).resolve()
+
+
+def folder() -> Path:
+    if _STATE["folder"] is None:
+        raise RuntimeError("search.journal.set_folder() was not called: no experiment folder on this head")
+    return _STATE["folder"]
+
+
+def register_searcher(searcher) -> None:
+    _STATE["searcher"] = searcher
+
+
+def searcher():
+    return _STATE["searcher"]
+
+
+def active() -> "Journal | None":
+    return _STATE["journal"]
+
+
+class Journal:
+    """The local folder and the experiment URI, and copying our files between them."""
+
+    def __init__(self, local: Path, experiment: str, s3_endpoint: str | None = None):
+        self.local, self.experiment, self.s3_endpoint = Path(local).resolve(), experiment.rstrip("/"), s3_endpoint
+        self.remote = store.is_remote(experiment) and Path(experiment).resolve() != self.local
+        self.last_push = 0.0
+        set_folder(self.local)
+        _STATE["journal"] = self
+
+    def _fs(self):
+        return store.open_fs(self.experiment, self.s3_endpoint)
+
+    def push(self, names: tuple[str, ...] = FILES) -> None:
+        """Upload our files (the study as a consistent snapshot) to the experiment storage."""
+        if not self.remote:
+            return
+        fs, base = self._fs()
+        for name in names:
+            path = self.local / name
+            if not path.exists():
+                continue
+            try:
+                if name == STUDY_FILE:
+                    with tempfile.TemporaryDirectory() as tmp:
+                        snapshot = Path(tmp) / name
+                        sqlite_snapshot(path, snapshot)
+                        fs.put_file(str(snapshot), f"{base}/{name}")
+                else:
+                    fs.put_file(str(path), f"{base}/{name}")
+            except Exception as exc:
+                raise store.storage_error(f"{self.experiment}/{name}", self.s3_endpoint, exc, "upload") from exc
+        self.last_push = time.time()
+
+    def pull(self) -> list[str]:
+        """Bring this head's copies of our files up to the experiment storage's: a file is taken from
+        storage when the head lacks it or holds less of the experiment's history (a head that resumes
+        after another one made progress); returns the names taken."""
+        if not self.remote:
+            return []
+        fs, base = self._fs()
+        self.local.mkdir(parents=True, exist_ok=True)
+        got = []
+        for name in FILES:
+            tmp = self.local / f".{name}.part{os.getpid()}"
+            try:
+                if not fs.exists(f"{base}/{name}"):
+                    continue
+                fs.get_file(f"{base}/{name}", str(tmp))
+            except Exception as exc:
+                tmp.unlink(missing_ok=True)
+                raise store.storage_error(f"{self.experiment}/{name}", self.s3_endpoint, exc, "download") from exc
+            local = self.local / name
+            if not local.exists() or progress(tmp) >= progress(local):
+                os.replace(tmp, local)
+                got.append(name)
+            else:
+                tmp.unlink()
+        return got
+
+    def exists_remotely(self, name: str = SETTINGS_FILE) -> bool:
+        fs, base = self._fs()
+        return fs.exists(f"{base}/{name}")
+
+
+def progress(path: Path) -> int:
+    """How much of an experiment's history a copy of one of our files holds. The study and the
+    scheduler state only ever grow (one writer at a time), so more rows means newer."""
+    if STUDY_FILE in path.name:  # optuna.db, or the downloaded .optuna.db.part<pid>
+        try:
+            with sqlite3.connect(str(path)) as db:
+                return sum(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in (
+                    "trials", "trial_values", "trial_intermediate_values", "trial_user_attributes")) + \
+                    db.execute("SELECT COUNT(*) FROM trials WHERE state != 'RUNNING' AND state != 'WAITING'"
+                               ).fetchone()[0]
+        except sqlite3.Error:
+            return -1
+    if SCHEDULER_FILE in path.name:
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return -1
+        return len(state.get("stopped", {})) + sum(len(rec) for rungs in state.get("strata", {}).values()
+                                                   for _, rec in rungs)
+    return 0
+
+
+def push_study() -> None:
+    """Upload the study now (after a trial was asked for), if a search with remote storage runs."""
+    j = active()
+    if j is None:
+        return
+    try:
+        j.push((STUDY_FILE,))
+    except store.StorageError as exc:  # the next push tries again; the search goes on
+        log.warning("could not copy the study to the experiment storage: %s", exc)
+
+
+def sqlite_snapshot(src: Path, dest: Path) -> None:
+    """A consistent copy of a live SQLite database (the online backup API, not a file copy)."""
+    with sqlite3.connect(str(src)) as source, sqlite3.connect(str(dest)) as target:
+        source.backup(target)
+
+
+def write_json(path: Path, data) -> None:
+    """Atomic JSON write: a reader (or a kill) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def trial_error(trial) -> str:
+    """The last lines of a Tune trial's error file, as a one-paragraph reason."""
+    try:
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError:
+        text = ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    tail = next((line for line in reversed(lines) if not line.startswith((" ", "Failure #"))), "")
+    return f"the trial errored: {tail or 'see its error.txt'}"[:1000]
+
+
+def _complete_lines(data: bytes) -> bytes:
+    """Everything up to the last newline (a kill can leave half a line)."""
+    end = data.rfind(b"\n")
+    return data[: end + 1] if end >= 0 else b""
+
+
+def restore_trial_logs(trial) -> int:
+    """Before a restarted trial runs again: put the result.json / progress.csv it already has in
+    storage back into its (new) local folder, and return the last epoch they hold.
+
+    Tune restores a trial's logs only when it has a Tune checkpoint (ray.tune.logger._restore_from_
+    remote); our trials keep their state in the Train run instead, so without this the restarted
+    trial's logger started an empty result.json and the next sync replaced the stored one,
+    dropping every epoch reported before the kill.
+    """
+    trial.init_local_path()
+    fs, remote = trial.storage.storage_filesystem, trial.storage.trial_fs_path
+    epoch = 0
+    for name in ("result.json", "progress.csv"):
+        local = Path(trial.local_path, name)
+        if not (local.exists() and local.stat().st_size):
+            try:
+                with fs.open_input_stream(f"{remote}/{name}") as f:
+                    data = _complete_lines(f.read())
+            except (FileNotFoundError, OSError):
+                continue
+            local.write_bytes(data)
+        if name == "result.json":
+            for line in local.read_text().splitlines():
+                try:
+                    epoch = max(epoch, int(json.loads(line).get("epoch", 0)))
+                except (ValueError, AttributeError):
+                    continue
+    return epoch
+
+
+class JournalCallback(Callback):
+    """After every trial result and end: store error reasons in the study, push our files."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._push()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._push()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        s = searcher()
+        if s is not None:
+            s.note_error(trial.trial_id, trial_error(trial))
+        self._push()
+
+    def on_experiment_end(self, trials, **info):
+        s = searcher()
+        if s is not None:
+            s.finalize()
+        self._push()
+
+    def _push(self) -> None:
+        j = active()
+        if j is None:
+            return
+        try:
+            j.push()
+        except store.StorageError as exc:  # the next result pushes again; the search goes on
+            log.warning("could not copy the study and search state to the experiment storage: %s", exc)

@@ -1,0 +1,201 @@
+"""Searches that are killed and resumed, resumed on a new head from S3, and run side by side with
+other Ray instances: nothing hangs, no trial is lost, none is counted twice.
+
+These use ``--trainable rehearsal`` (every trial a real Ray Train run whose workers sleep, report
+made-up metrics and checkpoint like the real loop): what is under test is the bookkeeping of Tune,
+Train, Optuna and our journal, not the model. The real trainer's own kill/resume is in test_trainer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+MAX_T = 3
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# (fault, what a user sees): each survived with no trial lost or counted twice (tests below)
+BAD_INPUTS = [
+    ("search killed -9 right after a trial's result", "EchoTune search (resumed)"),
+    ("search killed -9 as a trial starts", "EchoTune search (resumed)"),
+    ("search killed -9 mid-epoch", "EchoTune search (resumed)"),
+    ("search killed -9 while it writes the export", "EchoTune search (resumed)"),
+    ("head lost with its local results folder (S3 storage)", "resume: restored search_config.json, optuna.db"),
+    ("two searches at once next to a third Ray instance", "finished: 2 trials"),
+]
+MESSAGE = dict(BAD_INPUTS)
+WHEN = {"after_result": "search killed -9 right after a trial's result",
+        "trial_start": "search killed -9 as a trial starts", "mid_epoch": "search killed -9 mid-epoch",
+        "export": "search killed -9 while it writes the export"}
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ, PYTHONUNBUFFERED="1", ECHOTUNE_REHEARSAL_EPOCH_S="0.5", **extra)
+    e.pop("RAY_ADDRESS", None)
+    return e
+
+
+def search(storage, name, *extra, space="smoke", samples=4) -> list[str]:
+    return [sys.executable, "-m", "search.run", "--space", space, "--trainable", "rehearsal", "--storage",
+            str(storage), "--name", name, "--max-epochs", str(MAX_T), "--num-samples", str(samples), "--seed", "5",
+            *extra]
+
+
+def results(folder: Path) -> dict[str, list[dict]]:
+    out = {}
+    for f in sorted(folder.glob("trial_*/result.json")):
+        out[f.parent.name[len("trial_"):]] = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+    return out
+
+
+def lines(folder: Path) -> int:
+    return sum(len(r) for r in results(folder).values())
+
+
+def kill_when(cmd, log: Path, ready, timeout=300, cwd=None, **env_extra) -> None:
+    """Start ``cmd``, kill -9 its whole process group (driver, Ray, workers) once ``ready()``."""
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env(**env_extra),
+                            start_new_session=True, cwd=cwd)
+    deadline = time.time() + timeout
+    while not ready() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the search ended before the kill:\n{log.read_text()[-3000:]}"
+    assert time.time() < deadline, f"the kill moment never came:\n{log.read_text()[-3000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(1)
+
+
+def study_trials(folder: Path) -> list:
+    settings = json.loads((folder / "search_config.json").read_text())
+    return optuna.load_study(study_name=settings["study_name"], storage=f"sqlite:///{folder / 'optuna.db'}").trials
+
+
+def assert_every_trial_once(folder: Path, samples: int) -> None:
+    """Every trial has each of its epochs once in Tune's results and in the study, and its
+    study state is what happened to it; the export lists each trial once."""
+    res = results(folder)
+    assert len(res) == samples, sorted(res)
+    stopped = json.loads((folder / "scheduler.json").read_text())["stopped"]
+    for tid, rows in res.items():
+        epochs = [r["epoch"] for r in rows]
+        assert epochs == list(range(1, len(epochs) + 1)), (tid, epochs)  # once each, no gap
+        assert len(epochs) == MAX_T or stopped.get(tid) == len(epochs), (tid, epochs, stopped)
+    trials = study_trials(folder)
+    by_tune = {t.user_attrs.get("tune_trial_id"): t for t in trials}
+    assert set(by_tune) == set(res) and len(trials) == samples  # one study row per Tune trial
+    for tid, t in by_tune.items():
+        n = len(res[tid])
+        assert t.state.name == ("COMPLETE" if n == MAX_T else "PRUNED"), (tid, t.state, n)
+        assert sorted(t.intermediate_values) == list(range(1, n + 1)), (tid, t.intermediate_values)
+    rows = (folder / "pareto.csv").read_text().strip().splitlines()[1:]
+    assert len(rows) == samples
+
+
+# --- kills at several moments -----------------------------------------------------------------------
+
+def moment(name: str, folder: Path, log: Path):
+    """A ``ready()`` predicate for each kill moment."""
+    start = {"n": None}
+
+    def trial_start():  # a trial folder exists that has not reported yet, after another finished
+        res = results(folder)
+        done = any(len(r) == MAX_T for r in res.values())
+        fresh = [d for d in folder.glob("trial_*") if not (d / "result.json").exists()]
+        return done and bool(fresh)
+
+    def mid_epoch():  # half an epoch after some trial's first result
+        if start["n"] is None and any(len(r) == 1 for r in results(folder).values()):
+            start["n"] = time.time()
+        return start["n"] is not None and time.time() - start["n"] > 0.25
+
+    def after_result():  # the moment a new result line lands (the second trial's first epoch)
+        return len(results(folder)) >= 2 and lines(folder) > MAX_T
+
+    def export():  # the search finished fitting and is writing the export
+        return "Wrote the latest version of all result files" in log.read_text(errors="ignore")
+
+    return {"trial_start": trial_start, "mid_epoch": mid_epoch, "after_result": after_result,
+            "export": export}[name]
+
+
+@pytest.mark.parametrize("when", ["after_result", "trial_start",
+                                  pytest.param("mid_epoch", marks=pytest.mark.slow),
+                                  pytest.param("export", marks=pytest.mark.slow)])
+def test_a_kill_at_any_moment_loses_nothing(tmp_path, when):
+    folder, log = tmp_path / "k", tmp_path / "first.log"
+    kill_when(search(tmp_path, "k"), log, moment(when, folder, log))
+    second = subprocess.run(search(tmp_path, "k", "--resume"), capture_output=True, text=True, timeout=600, env=env())
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert MESSAGE[WHEN[when]] in second.stdout
+    assert_every_trial_once(folder, 4)
+
+
+def test_resume_on_a_new_head_from_s3(s3_endpoint, bucket, tmp_path):
+    """Run on S3 storage, kill -9, lose the head's local folder, resume from S3 alone."""
+    storage = f"{bucket}/runs"
+    head1, head2 = tmp_path / "head1", tmp_path / "head2"
+    head1.mkdir()
+    head2.mkdir()
+    cmd = search(storage, "s3exp", "--s3-endpoint", s3_endpoint)
+    local = head1 / "results" / "s3exp"
+    kill_when(cmd, tmp_path / "first.log", lambda: len(list(local.glob("*.db"))) and _s3_lines(
+        s3_endpoint, storage) >= MAX_T + 1, cwd=head1)
+    shutil.rmtree(head1)  # the old head is gone
+    second = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=env(), cwd=head2)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    assert MESSAGE["head lost with its local results folder (S3 storage)"] in second.stdout
+    mirror = tmp_path / "mirror"
+    _s3fs(s3_endpoint).get(f"{storage}/s3exp/", str(mirror), recursive=True)
+    shutil.copy(head2 / "results" / "s3exp" / "pareto.csv", mirror / "pareto.csv")
+    shutil.copy(head2 / "results" / "s3exp" / "optuna.db", mirror / "optuna.db")
+    assert_every_trial_once(mirror, 4)
+    # The study in S3 is the finished one too (a third head would resume from it).
+    _s3fs(s3_endpoint).get_file(f"{storage}/s3exp/optuna.db", str(tmp_path / "s3.db"))
+    shutil.copy(tmp_path / "s3.db", mirror / "optuna.db")
+    assert {t.state.name for t in study_trials(mirror)} <= {"COMPLETE", "PRUNED"}
+
+
+def _s3fs(endpoint):
+    import s3fs
+
+    return s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True)
+
+
+def _s3_lines(endpoint, storage) -> int:
+    fs = _s3fs(endpoint)
+    fs.invalidate_cache()
+    return sum(len(fs.cat_file(p).splitlines()) for p in fs.glob(f"{storage}/s3exp/trial_*/result.json"))
+
+
+# --- side by side ----------------------------------------------------------------------------------------
+
+def test_two_searches_at_once_next_to_another_ray_instance(tmp_path):
+    """Each search talks to its own Ray instance: with three on the machine, both finish every trial
+    (before, Train's placement-group cleanup failed with "multiple active Ray instances" and the next
+    trial waited forever)."""
+    other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(); print('up', flush=True); "
+                              "time.sleep(600)"], stdout=subprocess.PIPE, text=True, env=env(),
+                             start_new_session=True)
+    try:
+        assert other.stdout.readline().strip() == "up"
+        procs = [subprocess.Popen(search(tmp_path, name, space="frozen", samples=2), stdout=(tmp_path / f"{name}.log").open("w"),
+                                  stderr=subprocess.STDOUT, env=env()) for name in ("a", "b")]
+        for p in procs:
+            assert p.wait(600) == 0, (tmp_path / "a.log").read_text()[-3000:] + (tmp_path / "b.log").read_text()[-3000:]
+    finally:
+        os.killpg(other.pid, signal.SIGKILL)
+        other.wait()
+    for name in ("a", "b"):
+        assert MESSAGE["two searches at once next to a third Ray instance"] in (tmp_path / f"{name}.log").read_text()
+        res = results(tmp_path / name)
+        assert len(res) == 2 and all(len(r) == MAX_T for r in res.values()), (name, res)

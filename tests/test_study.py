@@ -1,0 +1,320 @@
+"""The search's bookkeeping without a Ray cluster: cells enqueued before exploitation, nuisance
+parameters tuned per cell, a study told the truth (COMPLETE / PRUNED / FAIL with reasons, told twice,
+errored-then-retried, orphans after a kill), and the stratified ASHA (cells, NaN, resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from ray.tune.schedulers import TrialScheduler
+
+from search import journal
+from search.schedulers import StratifiedASHA
+from search.spaces import SPACES, SpaceFn
+from search.study import (FAIL_REASON, TUNE_TRIAL_ID, CellwiseSampler, TruthfulOptunaSearch, cell_points,
+                          make_sampler, study_url)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+BASE = {"encoder": {"name": "tiny"}, "data": {"uri": "x"}}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    journal.set_folder(tmp_path)
+    yield tmp_path
+    journal._STATE.update(folder=None, searcher=None, journal=None)
+
+
+def searcher(folder, space="smoke", per_cell=1, num_samples=8, multi=False, sampler="tpe", seed=0, enqueue=True):
+    s = SPACES[space]
+    smp, _ = make_sampler(sampler, seed, scientific=s.scientific, per_cell=per_cell, num_samples=num_samples)
+    return TruthfulOptunaSearch(space=SpaceFn(space, "tiny", BASE), sampler=smp, study_name="s",
+                                metric=["val_px_error", "trainable_params"] if multi else "val_px_error",
+                                mode=["min", "min"] if multi else "min",
+                                points_to_evaluate=cell_points(s.cells("tiny"), per_cell) if enqueue else None,
+                                storage=optuna.storages.RDBStorage(study_url(folder)), max_t=3)
+
+
+def study(folder):
+    return optuna.load_study(study_name="s", storage=study_url(folder))
+
+
+def result(epoch, err, **kw):
+    return {"epoch": epoch, "val_px_error": err, "trainable_params": 1000, "train_loss": 0.1} | kw
+
+
+# --- cells ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("space", list(SPACES))
+def test_every_space_declares_a_grid_over_its_scientific_parameters(space):
+    s = SPACES[space]
+    enc = {"baselines": "r3d_18", "paper": "echoprime", "smoke": "tiny"}.get(space, "echoprime")
+    cells = s.cells(enc)
+    assert cells and all(set(c) <= set(s.scientific) and s.scientific[-1] in c for c in cells)
+    if s.grid and not isinstance(s.grid(enc), list):  # a plain grid: every scientific parameter in every cell
+        assert all(set(c) == set(s.scientific) for c in cells)
+    assert len({s.cell_of(c) for c in cells}) == len(cells)  # no cell twice
+
+
+def test_every_cell_is_tried_before_the_sampler_exploits_ends_of_the_front_first(folder):
+    cells = SPACES["selective_ft"].cells("echoprime")
+    ks = [c.get("n_unfrozen", c.get("lora_last")) for c in cells[::2]]
+    assert ks == [0, "all", 4, 1, 8, 2, 16, 2, 16, 4]  # frozen and full first, then between; then LoRA depths
+    points = cell_points(cells, 2)
+    assert points == [c for c in cells for _ in (0, 1)]  # a cell's trials together: ASHA can judge the second
+    cells = SPACES["selective_ft"].cells("tiny")
+    points = cell_points(cells, 2)
+    s = searcher(folder, "selective_ft", per_cell=2, num_samples=len(cells) * 2)
+    seen = [s.suggest(f"t{i}") for i in range(len(points))]
+    assert [{k: c[k] for k in p} for c, p in zip(seen, points)] == points
+    for c in seen:  # the sampler filled in the nuisance parameters of each enqueued cell
+        assert "aug_strength" in c and "head_dropout" in c and any(k.startswith("lr_") for k in c)
+    free = s.suggest("free")  # the budget beyond the cells: the sampler chooses the cell too
+    assert {"n_unfrozen", "head"} <= set(free)
+
+
+def test_nuisance_parameters_are_sampled_from_their_own_cell_only():
+    class Spy(optuna.samplers.RandomSampler):
+        seen: list = []
+
+        def sample_independent(self, study, trial, name, dist):
+            Spy.seen.append((name, {t.number for t in study._get_trials(deepcopy=False, states=None)}))
+            return super().sample_independent(study, trial, name, dist)
+
+    st = optuna.create_study(sampler=CellwiseSampler(Spy(seed=0), ("head",)))
+    for head in ("mlp", "gcn", "mlp"):
+        st.enqueue_trial({"head": head})
+        t = st.ask()
+        t.suggest_categorical("head", ["mlp", "gcn"])
+        t.suggest_float("lr", 1e-4, 1e-2, log=True)
+        st.tell(t, 1.0)
+    lr_views = [view for name, view in Spy.seen if name == "lr"]
+    assert lr_views[-1] == {0, 2}  # trial 2 (mlp) saw only mlp trials, not trial 1 (gcn)
+    assert lr_views[1] == {1}
+
+
+def test_tpe_start_up_and_nsga2_population_follow_the_budget():
+    _, notes = make_sampler("tpe", 0, scientific=("head",), per_cell=8, num_samples=16)
+    assert any("n_startup_trials=4" in n for n in notes)
+    _, notes = make_sampler("tpe", 0, scientific=("head",), per_cell=2, num_samples=8)
+    assert any("n_startup_trials=2" in n for n in notes)  # never 1: TPE would propose its one point again
+    sampler, notes = make_sampler("nsga2", 0, scientific=("head",), per_cell=4, num_samples=32)
+    assert sampler._population_size == 8 and any("population_size=8" in n for n in notes)
+
+
+# --- the truth, told to Optuna -------------------------------------------------------------------
+
+def test_states_intermediate_values_and_tune_ids(folder):
+    s = searcher(folder)
+    configs = {tid: s.suggest(tid) for tid in ("done", "stopped", "nan", "err")}
+    for epoch in (1, 2, 3):
+        s.on_trial_result("done", result(epoch, 10.0 - epoch))
+    s.on_trial_complete("done", result(3, 7.0))
+    s.on_trial_result("stopped", result(1, 12.0))
+    s.on_trial_complete("stopped", result(2, 11.0))  # ASHA's STOP result reaches only on_trial_complete
+    s.on_trial_result("nan", result(1, 9.0))
+    s.on_trial_complete("nan", result(2, math.nan, non_finite="train_loss is nan at epoch 2"))
+    s.on_trial_complete("err", error=True)
+    s.note_error("err", "the trial errored: RuntimeError: CUDA out of memory")
+    by_id = {t.user_attrs[TUNE_TRIAL_ID]: t for t in study(folder).trials}
+    assert {k: configs[k]["study_trial"] for k in by_id} == {k: t.number for k, t in by_id.items()}
+    assert by_id["done"].state.name == "COMPLETE" and by_id["done"].value == 7.0
+    assert by_id["done"].intermediate_values == {1: 9.0, 2: 8.0, 3: 7.0}
+    assert by_id["stopped"].state.name == "PRUNED" and by_id["stopped"].intermediate_values == {1: 12.0, 2: 11.0}
+    assert by_id["nan"].state.name == "FAIL" and "nan" in by_id["nan"].user_attrs[FAIL_REASON]
+    assert by_id["err"].state.name == "RUNNING"  # open until the end: a resume may retry it
+    s.on_trial_complete("done", result(3, 1.0))  # told twice: no error, no change
+    assert study(folder).trials[by_id["done"].number].value == 7.0
+    s.finalize()
+    err = study(folder).trials[by_id["err"].number]
+    assert err.state.name == "FAIL" and "out of memory" in err.user_attrs[FAIL_REASON]
+    assert not [t for t in study(folder).trials if t.state.name == "RUNNING"]
+
+
+def test_an_errored_trial_retried_on_resume_is_told_its_final_result(folder, tmp_path):
+    s = searcher(folder)
+    s.suggest("a")
+    s.on_trial_complete("a", error=True)  # no finalize: the search was killed before it ended
+    path = tmp_path / "searcher.pkl"
+    s.save(str(path))
+    again = searcher(folder, enqueue=False)  # as Tune unpickles it: the study already exists
+    again.restore(str(path))
+    again.on_trial_complete("a", result(3, 5.0))
+    t = study(folder).trials[0]
+    assert t.state.name == "COMPLETE" and t.value == 5.0
+
+
+def test_multi_objective_best_trials_are_only_complete_ones(folder):
+    s = searcher(folder, multi=True)
+    for tid, err, epochs in (("full", 8.0, 3), ("early", 2.0, 1), ("other", 9.0, 3)):
+        s.suggest(tid)
+        s.on_trial_result(tid, result(epochs, err))
+        s.on_trial_complete(tid, result(epochs, err))
+    best = {t.user_attrs[TUNE_TRIAL_ID] for t in study(folder).best_trials}
+    assert best == {"full"}  # the 1-epoch 2.0 px is PRUNED, never on the study's front
+
+
+def test_restore_on_a_new_head_reattaches_and_reuses_orphans(folder, tmp_path_factory):
+    import pickle
+    import shutil
+
+    s = searcher(folder)
+    first = s.suggest("a")
+    path = tmp_path_factory.mktemp("tune") / "searcher.pkl"
+    s.save(str(path))  # Tune's snapshot knows trial a ...
+    pickled = pickle.dumps(s)  # (and tuner.pkl holds the searcher itself)
+    orphan = s.suggest("b")  # ... but not b: killed before the next snapshot
+    head2 = tmp_path_factory.mktemp("head2")  # a new head: another folder, the old one gone
+    shutil.copy(folder / "optuna.db", head2 / "optuna.db")
+    shutil.rmtree(folder)
+    journal.set_folder(head2)
+    restored = pickle.loads(pickled)  # no storage in the pickle: nothing tries the old head's path
+    restored.restore(str(path))
+    assert restored._orphans == [orphan["study_trial"]]
+    again = restored.suggest("c")  # the orphan's study trial is re-run with its own parameters
+    assert again["study_trial"] == orphan["study_trial"]
+    assert {k: v for k, v in again.items() if k != "study_trial"} == \
+        {k: v for k, v in orphan.items() if k != "study_trial"}
+    st = optuna.load_study(study_name="s", storage=study_url(head2))
+    started = [t for t in st.trials if t.state.name != "WAITING"]
+    assert len(started) == 2 and first["study_trial"] != again["study_trial"]
+    attrs = {t.number: t.user_attrs[TUNE_TRIAL_ID] for t in started}
+    assert attrs[again["study_trial"]] == "c"
+
+
+def test_a_trial_finished_after_tunes_last_snapshot_is_reopened_and_run_again(folder, tmp_path):
+    s = searcher(folder)
+    s.suggest("a")
+    path = tmp_path / "searcher.pkl"
+    s.save(str(path))
+    late = s.suggest("b")  # Tune's snapshot never knew b, though the study was told its end
+    s.on_trial_result("b", result(1, 5.0))
+    s.on_trial_complete("b", result(3, 4.0))
+    restored = searcher(folder, enqueue=False)
+    restored.restore(str(path))
+    assert restored._orphans == [late["study_trial"]]
+    t = study(folder).trials[late["study_trial"]]
+    assert t.state.name == "RUNNING" and t.values is None  # it runs again, once, under a new Tune id
+
+
+# --- stratified ASHA ---------------------------------------------------------------------------------
+
+def trial(tid, **config):
+    return SimpleNamespace(trial_id=tid, config=config, status="RUNNING", last_result={})
+
+
+def asha():
+    return StratifiedASHA(("n_unfrozen", "head"), time_attr="epoch", metric="err", mode="min", max_t=4,
+                          grace_period=1, reduction_factor=2)
+
+
+def test_asha_compares_only_within_a_cell(folder):
+    sched = asha()
+    t = {"mlp-a": trial("mlp-a", n_unfrozen=2, head="mlp"), "mlp-b": trial("mlp-b", n_unfrozen=2, head="mlp"),
+         "gcn-a": trial("gcn-a", n_unfrozen=2, head="gcn"), "gcn-b": trial("gcn-b", n_unfrozen=2, head="gcn")}
+    for x in t.values():
+        sched.on_trial_add(None, x)
+    decide = lambda name, err: sched.on_trial_result(None, t[name], {"epoch": 1, "err": err})  # noqa: E731
+    assert decide("mlp-a", 2.0) == TrialScheduler.CONTINUE
+    assert decide("mlp-b", 5.0) == TrialScheduler.STOP  # worse than its own cell
+    assert decide("gcn-a", 9.0) == TrialScheduler.CONTINUE  # far worse than the MLPs, but meets GCNs only
+    assert decide("gcn-b", 8.0) == TrialScheduler.CONTINUE
+    assert sched.stopped == {"mlp-b": 1} and set(sched.by_stratum) == {"n_unfrozen=2 head=mlp",
+                                                                       "n_unfrozen=2 head=gcn"}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_metric_stops_at_once(folder, bad):
+    sched = asha()
+    x = trial("x", n_unfrozen=0, head="mlp")
+    sched.on_trial_add(None, x)
+    assert sched.on_trial_result(None, x, {"epoch": 1, "err": bad}) == TrialScheduler.STOP
+    y = trial("y", n_unfrozen=0, head="mlp")
+    sched.on_trial_add(None, y)
+    assert sched.on_trial_result(None, y, {"epoch": 1, "err": 3.0, "non_finite": "train_loss is nan"}) == \
+        TrialScheduler.STOP
+    assert sched.n_non_finite == 2
+
+
+def test_reduction_factor_below_two_is_refused():
+    with pytest.raises(ValueError, match="at least 2"):
+        StratifiedASHA(("head",), metric="err", mode="min", max_t=4, reduction_factor=1)
+
+
+def test_rungs_and_stops_survive_a_restart(folder):
+    """A fresh scheduler (as Tune unpickles it on resume) reloads scheduler.json: the rung history
+    judges new arrivals, and a trial stopped before the kill is stopped again, not restarted."""
+    first = asha()
+    a, b = trial("a", n_unfrozen=0, head="mlp"), trial("b", n_unfrozen=0, head="mlp")
+    for x in (a, b):
+        first.on_trial_add(None, x)
+    first.on_trial_result(None, a, {"epoch": 1, "err": 2.0})
+    assert first.on_trial_result(None, b, {"epoch": 1, "err": 5.0}) == TrialScheduler.STOP
+    assert (folder / journal.SCHEDULER_FILE).is_file()
+
+    second = asha()
+    c = trial("c", n_unfrozen=0, head="mlp")
+    second.on_trial_add(None, c)
+    assert second.on_trial_result(None, c, {"epoch": 1, "err": 4.0}) == TrialScheduler.STOP  # judged against a
+
+    b_again = trial("b", n_unfrozen=0, head="mlp")
+    b_again.status = b_again.PENDING = "PENDING"
+    stopped = []
+
+    def stop(t):
+        stopped.append(t.trial_id)
+        t.status = "TERMINATED"
+
+    controller = SimpleNamespace(get_trials=lambda: [b_again], stop_trial=stop)
+    assert second.choose_trial_to_run(controller) is None and stopped == ["b"]
+
+
+def test_a_restored_trial_gets_its_logs_back_and_learns_how_many_epochs_tune_holds(folder, tmp_path):
+    """Tune restores a trial's result.json only when it has a Tune checkpoint; ours get it back from
+    storage as soon as they are added (Tune may start them without asking the scheduler)."""
+    import pyarrow.fs
+
+    stored = tmp_path / "storage" / "exp" / "trial_x"
+    stored.mkdir(parents=True)
+    lines = [json.dumps({"epoch": e, "err": 9.0 - e}) for e in (1, 2, 3)]
+    (stored / "result.json").write_text("\n".join(lines) + "\n" + '{"epoch": 4, "er')  # a kill mid-line
+    local = tmp_path / "staging" / "trial_x"
+    x = trial("x", n_unfrozen=0, head="mlp")
+    x.last_result = {"epoch": 2, "err": 7.0}  # Tune's snapshot lags its stored results by one epoch
+    x.local_path = str(local)
+    x.init_local_path = lambda: local.mkdir(parents=True, exist_ok=True)
+    x.storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(stored))
+    sched = asha()
+    sched.on_trial_add(None, x)
+    assert x.config["tune_epoch"] == 3
+    assert (local / "result.json").read_text() == "\n".join(lines) + "\n"  # complete lines only
+    fresh = trial("y", n_unfrozen=0, head="mlp")
+    sched.on_trial_add(None, fresh)
+    assert fresh.config["tune_epoch"] == 0
+
+
+def test_a_trial_stopped_for_nan_before_a_kill_is_failed_not_pruned_on_resume(folder):
+    s = searcher(folder)
+    s.suggest("n")
+    first = asha()
+    x = trial("n", n_unfrozen=0, head="mlp")
+    first.on_trial_add(None, x)
+    assert first.on_trial_result(None, x, {"epoch": 1, "err": math.nan}) == TrialScheduler.STOP
+    # killed before Tune recorded the stop: the resumed search finds the trial PENDING
+    second = asha()
+    again = trial("n", n_unfrozen=0, head="mlp")
+    again.status = again.PENDING = "PENDING"
+
+    def stop(t):
+        s.on_trial_complete(t.trial_id)  # what Tune's stop_trial tells the searcher for a PENDING trial
+        t.status = "TERMINATED"
+
+    controller = SimpleNamespace(get_trials=lambda: [again], stop_trial=stop)
+    second.on_trial_add(controller, again)
+    assert second.choose_trial_to_run(controller) is None
+    (t,) = study(folder).trials[:1]
+    assert t.state.name == "FAIL" and "err is not finite" in t.user_attrs[FAIL_REASON]
