@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.echotune-installed
 DEMO   := .cache/demo
 
-.PHONY: demo data-demo test test-all bench bench-quick clean
+.PHONY: demo data-demo test test-all bench bench-quick bench-record clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,10 +34,18 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/loader.py
 	$(PY) bench/step.py
+	$(PY) bench/cache.py
+	$(PY) bench/search.py
 
 bench-quick: $(STAMP)
 	$(PY) bench/loader.py --quick
 	$(PY) bench/step.py --quick
+	$(PY) bench/cache.py --quick
+	$(PY) bench/search.py --quick
+
+# Re-record bench/data/curves.csv (real training of the benchmark grid on CPU, ~20 minutes).
+bench-record: $(STAMP)
+	$(PY) bench/record_curves.py
 
 clean:
 	rm -rf $(DEMO) results/demo-data

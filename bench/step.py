@@ -4,7 +4,9 @@
 
 Times forward + backward + optimiser step for k in {0, 2, 4, 8, 16} unfrozen blocks and full
 fine-tuning ("all", stem included), side by side in one run after a warm-up step, and prints
-each as a ratio to full fine-tuning. With a GPU it also prints the peak memory per k.
+each as a ratio to full fine-tuning. With a GPU it also prints the peak memory per k. Then the
+LoRA regime next to k = 4: rank 8 on the attention (qkv, proj) of the last 4 blocks, the encoder
+frozen (``detail.lora``; its frozen prefix runs under no_grad up to the first adapted block).
 Ends with one JSON line; ``ratio`` is the k = 4 figure (goal <= 0.5).
 """
 
@@ -21,15 +23,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from trainables.config import LoraCfg  # noqa: E402
 from trainables.models.encoders import build_encoder  # noqa: E402
 from trainables.models.freezing import freeze, param_groups  # noqa: E402
 from trainables.models.heads import LandmarkModel, build_head  # noqa: E402
+from trainables.models.lora import LAYOUTS  # noqa: E402
 
 GOAL = 0.5
+LORA_RANK, LORA_LAST = 8, 4
 
 
-def time_regime(model: LandmarkModel, k, clip, target, steps: int, device) -> tuple[float, int | None]:
-    groups = freeze(model.encoder, k)
+def time_regime(model: LandmarkModel, k, clip, target, steps: int, device, lora=None) -> tuple[float, int | None]:
+    groups = freeze(model.encoder, k, lora)
     model.train()
     opt = torch.optim.AdamW(param_groups(model.encoder, model.head, groups, {}, 1e-4, 0.0))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -53,6 +58,23 @@ def time_regime(model: LandmarkModel, k, clip, target, steps: int, device) -> tu
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     return statistics.median(times), peak
+
+
+def _trainable(encoder, k) -> int:
+    freeze(encoder, k)
+    return sum(p.numel() for p in encoder.parameters() if p.requires_grad)
+
+
+def time_lora(model: LandmarkModel, enc, clip, target, steps: int, device) -> dict:
+    """LoRA r = 8 on the last 4 blocks (run last: it puts adapters into the shared model)."""
+    cfg = LoraCfg(rank=LORA_RANK, last=min(LORA_LAST, enc.n_blocks))
+    seconds, peak = time_regime(model, 0, clip, target, steps, device, lora=cfg)
+    print(f"lora r={cfg.rank} last {cfg.last}: {seconds / len(clip):7.3f} s/clip"
+          + (f", peak {peak / 2**30:.2f} GiB" if peak else ""), file=sys.stderr)
+    return {"rank": cfg.rank, "last": cfg.last, "targets": [t for t, _ in enc.lora_plan.blocks[-1][2]],
+            "s_per_step": round(seconds, 4), "s_per_clip": round(seconds / len(clip), 4),
+            "peak_mem_gib": round(peak / 2**30, 3) if peak else None, "trainable_params": enc.lora_plan.n_params,
+            "first_adapted_block": enc.split}
 
 
 def main() -> None:
@@ -80,14 +102,19 @@ def main() -> None:
                            "peak_mem_gib": round(peak / 2**30, 3) if peak else None}
         print(f"k={k!s:>3}: {seconds / args.batch:7.3f} s/clip" + (f", peak {peak / 2**30:.2f} GiB" if peak else ""),
               file=sys.stderr)
+    for r, k in zip(results.values(), results):
+        r["trainable_params"] = _trainable(model.encoder, k)
+    lora = time_lora(model, enc, clip, target, steps, device) if args.encoder in LAYOUTS else None
     full = results["all"]["s_per_step"]
-    for r in results.values():
+    for r in list(results.values()) + ([lora] if lora else []):
         r["ratio_to_full"] = round(r["s_per_step"] / full, 3)
-    print("ratios to full fine-tuning: " + ", ".join(f"k={k}: {r['ratio_to_full']}" for k, r in results.items()),
-          file=sys.stderr)
+    if lora and "4" in results:
+        lora["ratio_to_k4"] = round(lora["s_per_step"] / results["4"]["s_per_step"], 3)
+    print("ratios to full fine-tuning: " + ", ".join(f"k={k}: {r['ratio_to_full']}" for k, r in results.items())
+          + (f", lora r={LORA_RANK} last {LORA_LAST}: {lora['ratio_to_full']}" if lora else ""), file=sys.stderr)
     detail = {"encoder": args.encoder, "input": "16x224x224 (resized from 16x112x112)", "batch": args.batch,
               "device": str(device), "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-              "timed_steps": steps, "per_k": results, "quick": args.quick}
+              "timed_steps": steps, "per_k": results, "lora": lora, "quick": args.quick}
     print(json.dumps({"bench": "step", "ratio": results["4"]["ratio_to_full"], "goal": GOAL, "detail": detail}))
 
 
