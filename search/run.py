@@ -310,13 +310,12 @@ def resumed_settings(args) -> tuple[dict, journal.Journal]:
     exp = experiment_uri(str(Path(args.storage).resolve()) if not store.is_remote(args.storage) else args.storage,
                          args.name)
     j = journal.Journal(folder, exp, args.s3_endpoint)
-    if not (folder / journal.SETTINGS_FILE).is_file():
-        try:
-            pulled = j.pull()
-        except store.StorageError as exc:
-            raise InputError(str(exc)) from None
-        if pulled:
-            print(f"resume: restored {', '.join(pulled)} from {store.describe(exp, args.s3_endpoint)}", flush=True)
+    try:  # the storage's copies win when they hold more (another head made progress since)
+        pulled = j.pull()
+    except store.StorageError as exc:
+        raise InputError(str(exc)) from None
+    if pulled:
+        print(f"resume: restored {', '.join(pulled)} from {store.describe(exp, args.s3_endpoint)}", flush=True)
     if not (folder / journal.SETTINGS_FILE).is_file():
         existing = sorted(p.parent.name for p in folder.parent.glob(f"*/{journal.SETTINGS_FILE}"))
         raise InputError(f"no experiment {args.name!r} to resume in {store.describe(exp, args.s3_endpoint)}"
