@@ -109,7 +109,11 @@ def fake_cluster(tmp_path):
     config = tmp_path / "fake.yaml"
     config.write_text(yaml.safe_dump(cfg))
     # A one-machine test cluster: token auth off on both sides (clients would need the head's token).
-    env = dict(os.environ, RAY_FAKE_CLUSTER="1", RAY_AUTH_MODE="disabled")
+    # The cluster inherits a State API address pinned by a local Ray instance that is long gone, as
+    # a `ray start` after an earlier search (or after this suite's in-process tests) does: Train's
+    # placement-group cleaner must still reach this cluster's dashboard (trainables.driver).
+    env = dict(os.environ, RAY_FAKE_CLUSTER="1", RAY_AUTH_MODE="disabled",
+               RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{free_port()}")
     env.pop("RAY_ADDRESS", None)
     started = ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
                       '--resources={"TRAIN_DRIVER": 8}', f"--autoscaling-config={config}",
@@ -130,12 +134,13 @@ def trial_results(folder: Path) -> dict[str, list[dict]]:
 
 def test_simulated_gpu_cluster_runs_a_rehearsal_search(fake_cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", ECHOTUNE_REHEARSAL_EPOCH_S="2")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", ECHOTUNE_REHEARSAL_EPOCH_S="2",
+               RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{free_port()}")  # stale here too
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "search.run", "--address", fake_cluster, "--trainable", "rehearsal",
            "--space", "smoke", "--num-samples", "6", "--max-epochs", "3", "--gpus-per-worker", "1",
            "--max-concurrent", "2", "--storage", str(tmp_path), "--name", "sim", "--seed", "1"]
-    proc = subprocess.run(cmd + ["--shared-storage"], capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(cmd + ["--shared-storage"], capture_output=True, text=True, timeout=480, env=env)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     import ray

@@ -9,6 +9,7 @@ trial finds its checkpoints and resumes by itself.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -17,12 +18,27 @@ from trainables.config import TrialConfig
 
 # Worker groups start slowly on small machines and on autoscaled GPU pools (RAY.md §1.7).
 os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+log = logging.getLogger("echotune.driver")
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _dashboard_url(address: str) -> str | None:
+    """The dashboard (State API) URL a running cluster recorded in its GCS, or None without one."""
+    if "://" in address:  # a Ray Client address: the State API resolves it itself
+        return None
+    from ray.dashboard.utils import ray_address_to_api_server_url
+
+    try:
+        return ray_address_to_api_server_url(address)
+    except Exception as exc:  # no dashboard: Train's placement-group cleaner cannot work either
+        log.warning("no dashboard found for the Ray cluster at %s (%s): placement groups of trials "
+                    "that die uncleanly may not be freed", address, exc)
+        return None
 
 
 def init_ray(address: str | None) -> None:
@@ -48,6 +64,15 @@ def init_ray(address: str | None) -> None:
         os.environ["RAY_ADDRESS"] = address  # the State API resolves the cluster from it
         env = {"RAY_ADDRESS": address, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":
                os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}
+        # RAY_API_SERVER_ADDRESS wins over RAY_ADDRESS in the State API client. One left in this
+        # process or in the cluster's own environment by an earlier local instance points at a dead
+        # dashboard: every trial's placement group then leaked and the search hung. Pin the
+        # cluster's real dashboard (from its GCS) for us and for every job process instead.
+        api = _dashboard_url(address)
+        if api:
+            os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"] = api
+        else:
+            os.environ.pop("RAY_API_SERVER_ADDRESS", None)
         ray.init(address=address, include_dashboard=True, log_to_driver=True, runtime_env={"env_vars": env})
         return
     port = _free_port()
