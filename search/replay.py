@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(args.address)
     print(f"replaying front point {args.point} as {cfg.name} for {cfg.epochs} epochs in {cfg.storage}", flush=True)
     result = build_trainer(cfg).fit()
+    import ray
+
+    ray.shutdown()  # Ray's worker log lines stop here, so the result is the last line of stdout
     print(json.dumps({"name": cfg.name, "metrics": result.metrics,
                       "checkpoint": result.checkpoint.path if result.checkpoint else None}, default=str))
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +24,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def kill_everything(proc: subprocess.Popen) -> None:
+    """kill -9 a process started with ``start_new_session=True`` and everything it started (driver,
+    Ray's raylet and GCS, Train workers), as a machine crash would, and wait until none is left.
+    Killing the process group alone is not enough: a Ray worker still finishing a checkpoint upload
+    outlived it by a moment and wrote after the test had looked."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    _, alive = psutil.wait_procs(tree, timeout=30)
+    assert not alive, f"processes survived kill -9: {alive}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import optuna
 import pytest
+
+from tests.conftest import kill_everything
 
 MAX_T = 3
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -70,9 +71,7 @@ def kill_when(cmd, log: Path, ready, timeout=300, cwd=None, **env_extra) -> None
         time.sleep(0.05)
     assert proc.poll() is None, f"the search ended before the kill:\n{log.read_text()[-3000:]}"
     assert time.time() < deadline, f"the kill moment never came:\n{log.read_text()[-3000:]}"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    time.sleep(1)
+    kill_everything(proc)
 
 
 def study_trials(folder: Path) -> list:
@@ -193,8 +192,7 @@ def test_two_searches_at_once_next_to_another_ray_instance(tmp_path):
         for p in procs:
             assert p.wait(600) == 0, (tmp_path / "a.log").read_text()[-3000:] + (tmp_path / "b.log").read_text()[-3000:]
     finally:
-        os.killpg(other.pid, signal.SIGKILL)
-        other.wait()
+        kill_everything(other)
     for name in ("a", "b"):
         assert MESSAGE["two searches at once next to a third Ray instance"] in (tmp_path / f"{name}.log").read_text()
         res = results(tmp_path / name)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import kill_everything
 from trainables.config import DataCfg, EncoderCfg, HeadCfg, OptimCfg, TrialConfig
 from trainables.data.shard import write_shards
 from trainables.data.stream import EchoClipDataset
@@ -52,6 +52,11 @@ def run_env() -> dict:
 
 def epochs_in(log: str) -> list[int]:
     return sorted({int(m.group(1)) for m in EPOCH_LINE.finditer(log)})
+
+
+def result_of(log: str) -> dict:
+    """The result JSON `trainables.train` prints; Ray's worker log lines may arrive after it."""
+    return json.loads(next(line for line in reversed(log.strip().splitlines()) if line.startswith('{"name"')))
 
 
 def start_trial(cfg_path: Path, log: Path) -> subprocess.Popen:
@@ -117,8 +122,7 @@ def test_ddp_trial_reports_checkpoints_resumes_and_evaluates(trainer_data, s3_en
     deadline = time.time() + 400
     while not complete_checkpoints(run) and first.poll() is None and time.time() < deadline:
         time.sleep(0.5)
-    os.killpg(first.pid, signal.SIGKILL)  # the whole driver session: Train controller, workers, Ray
-    first.wait()
+    kill_everything(first)  # the whole driver session: Train controller, workers, Ray
     log1 = (tmp_path / "first.log").read_text()
     saved = [torch.load(p / "state.pt", weights_only=True)["next_epoch"] for p in complete_checkpoints(run)]
     assert saved, f"no checkpoint before the kill:\n{log1[-3000:]}"
@@ -131,7 +135,7 @@ def test_ddp_trial_reports_checkpoints_resumes_and_evaluates(trainer_data, s3_en
     assert epochs_in(log2) == list(range(max(saved) + 1, cfg.epochs + 1)), log2[-3000:]
     assert unregistered(run) == []  # no orphan checkpoint folder left behind
 
-    result = json.loads(log2.strip().splitlines()[-1])
+    result = result_of(log2)
     metrics = result["metrics"]
     assert metrics["epoch"] == cfg.epochs and set(REPORTED) <= set(metrics)
     assert {"lr/stage2", "lr/head"} == {k for k in metrics if k.startswith("lr/")}  # k=2: blocks 2-3 = stage2
@@ -174,8 +178,7 @@ def test_a_checkpoint_train_never_registered_is_resumed_and_not_left_behind(trai
     deadline = time.time() + 400
     while not complete_checkpoints(run) and first.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait()
+    kill_everything(first)
     done = [json.loads((p / "complete.json").read_text())["next_epoch"] for p in complete_checkpoints(run)]
     assert done and max(done) < cfg.epochs, "no checkpoint before the kill, or the run finished"
     (run / "checkpoint_manager_snapshot.json").unlink(missing_ok=True)  # Train registered nothing
@@ -197,7 +200,7 @@ def test_tiny_encoder_learns(trainer_data, s3_endpoint, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "trainables.train", "--config", str(cfg_path)],
                           capture_output=True, text=True, timeout=900, env=run_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    final = json.loads(proc.stdout.strip().splitlines()[-1])["metrics"]["val_px_error"]
+    final = result_of(proc.stdout)["metrics"]["val_px_error"]
 
     kw = dict(s3_endpoint=s3_endpoint, cache_dir=tmp_path / "cache")
     train, val = EchoClipDataset(trainer_data, "train", **kw), EchoClipDataset(trainer_data, "val", **kw)

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"error: trial {cfg.name} failed: {exc}", file=sys.stderr)
         return 1
+    ray.shutdown()  # Ray's worker log lines stop here, so the result is the last line of stdout
     print(json.dumps({"name": cfg.name, "metrics": result.metrics,
                       "checkpoint": result.checkpoint.path if result.checkpoint else None}, default=str))
     if (result.metrics or {}).get("non_finite"):
