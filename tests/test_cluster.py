@@ -132,6 +132,8 @@ def trial_results(folder: Path) -> dict[str, list[dict]]:
     return out
 
 
+# slow (~90 s with the fake cluster's start and stop): `make test-all`
+@pytest.mark.slow
 def test_simulated_gpu_cluster_runs_a_rehearsal_search(fake_cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     env = dict(os.environ, PYTHONUNBUFFERED="1", ECHOTUNE_REHEARSAL_EPOCH_S="2",

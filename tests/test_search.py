@@ -272,6 +272,8 @@ def check_optuna_dashboard(folder: Path, study: dict) -> None:
         dash.wait(10)
 
 
+# slow (~100 s): `make test-all`; the end-to-end test checks the study states of a real search
+@pytest.mark.slow
 def test_study_tells_the_truth_when_asha_stops_and_trials_diverge(tmp_path):
     """A multi-objective smoke search (rehearsal: real Train runs, made-up curves) in which ASHA
     stops trials and some configurations diverge: the study has no RUNNING trial, every COMPLETE

@@ -109,6 +109,8 @@ def test_documented_bound():
     assert f"STALL_BOUND_S = {storage.STALL_BOUND_S} s" in storage.__doc__
 
 
+# slow (~50 s: it waits out the stall bound): `make test-all`
+@pytest.mark.slow
 def test_stalled_endpoint_fails_clearly_in_time_then_a_rerun_succeeds(private_s3, synthetic_root, tmp_path):
     url, proc = private_s3
     fs, _ = storage.open_fs("s3://stall", url)

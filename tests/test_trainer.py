@@ -163,6 +163,8 @@ def test_ddp_trial_reports_checkpoints_resumes_and_evaluates(trainer_data, s3_en
     assert test_metrics["test_n"] > 0 and np.isfinite(test_metrics["test_px_error"])
 
 
+# slow (~50 s): `make test-all`; test_regimes checks the choice of checkpoint in-process
+@pytest.mark.slow
 def test_a_checkpoint_train_never_registered_is_resumed_and_not_left_behind(trainer_data, s3_endpoint, tmp_path):
     """A kill right after an epoch's report, before Train's controller registered the uploaded
     checkpoint (simulated exactly by removing the snapshot), used to restart the trial from scratch
@@ -189,6 +191,8 @@ def test_a_checkpoint_train_never_registered_is_resumed_and_not_left_behind(trai
     assert unregistered(run) == [] and len(complete_checkpoints(run)) <= 2
 
 
+# slow (~65 s): `make test-all`; every head learns in test_heads, the search end to end in test_search
+@pytest.mark.slow
 def test_tiny_encoder_learns(trainer_data, s3_endpoint, tmp_path):
     """Validation error falls well below the error of predicting the mean training landmarks."""
     cfg = TrialConfig(encoder=EncoderCfg("tiny", n_unfrozen="all"), head=HeadCfg("mlp"), optim=OptimCfg(base_lr=1e-3),
