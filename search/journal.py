@@ -11,7 +11,8 @@ three files of ours that this module keeps there:
 
 For a local ``--storage`` the local folder *is* the experiment folder and nothing is copied. On
 ``--resume`` with ``s3://`` storage, ``pull`` restores the files to the local folder first, so a
-replacement head resumes where the old one stopped.
+replacement head resumes where the old one stopped; ``journal.json`` (a push counter) tells a head
+whether the storage is ahead of its own copies.
 
 Tune pickles the searcher and scheduler into the experiment and unpickles them on restore, possibly
 on another machine; they find this head's folder through ``folder()`` (set by ``search.run``)
@@ -33,6 +34,11 @@ from ray.tune import Callback
 from trainables.data import storage as store
 
 SETTINGS_FILE, STUDY_FILE, SCHEDULER_FILE = "search_config.json", "optuna.db", "scheduler.json"
+# A counter raised by every push, in the storage (GENERATION_FILE) and, as the last generation this
+# head pushed or pulled, in its local folder (SYNCED_FILE): a resume pulls only when the storage is
+# ahead of this head. Row counts cannot tell: a resume reopens study trials (fewer rows), so a
+# lagging remote copy could look newer than the head's own.
+GENERATION_FILE, SYNCED_FILE = "journal.json", ".journal-synced.json"
 log = logging.getLogger("echotune.search")
 FILES = (SETTINGS_FILE, STUDY_FILE, SCHEDULER_FILE)
 
@@ -93,16 +99,48 @@ class Journal:
                     fs.put_file(str(path), f"{base}/{name}")
             except Exception as exc:
                 raise store.storage_error(f"{self.experiment}/{name}", self.s3_endpoint, exc, "upload") from exc
+        generation = max(self._synced() or 0, self._remote_generation(fs, base) or 0) + 1
+        try:  # last: a kill before this leaves the storage's generation at the older, complete push
+            fs.pipe_file(f"{base}/{GENERATION_FILE}", json.dumps({"generation": generation}).encode())
+        except Exception as exc:
+            raise store.storage_error(f"{self.experiment}/{GENERATION_FILE}", self.s3_endpoint, exc, "upload") from exc
+        self._set_synced(generation)
         self.last_push = time.time()
 
+    def _synced(self) -> int | None:
+        try:
+            return int(json.loads((self.local / SYNCED_FILE).read_text())["generation"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _set_synced(self, generation: int) -> None:
+        self.local.mkdir(parents=True, exist_ok=True)
+        write_json(self.local / SYNCED_FILE, {"generation": generation})
+
+    def _remote_generation(self, fs, base: str) -> int | None:
+        try:
+            return int(json.loads(fs.cat_file(f"{base}/{GENERATION_FILE}"))["generation"])
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            return None
+
     def pull(self) -> list[str]:
-        """Bring this head's copies of our files up to the experiment storage's: a file is taken from
-        storage when the head lacks it or holds less of the experiment's history (a head that resumes
-        after another one made progress); returns the names taken."""
+        """Bring this head's copies of our files up to the experiment storage's; returns the names
+        taken. A head that pushed or pulled the storage's newest generation keeps its own copies
+        (they hold at least as much); when the storage is ahead (another head went on) its copies
+        replace the head's; a head that never synced (a new one) takes what it lacks or holds less of."""
         if not self.remote:
             return []
         fs, base = self._fs()
         self.local.mkdir(parents=True, exist_ok=True)
+        try:
+            remote, synced = self._remote_generation(fs, base), self._synced()
+        except Exception as exc:
+            raise store.storage_error(f"{self.experiment}/{GENERATION_FILE}", self.s3_endpoint, exc, "download") from exc
+        if remote is not None and synced is not None and remote <= synced:
+            return []
+        ahead = remote is not None and synced is not None
         got = []
         for name in FILES:
             tmp = self.local / f".{name}.part{os.getpid()}"
@@ -114,11 +152,13 @@ class Journal:
                 tmp.unlink(missing_ok=True)
                 raise store.storage_error(f"{self.experiment}/{name}", self.s3_endpoint, exc, "download") from exc
             local = self.local / name
-            if not local.exists() or progress(tmp) >= progress(local):
+            if ahead or not local.exists() or progress(tmp) >= progress(local):
                 os.replace(tmp, local)
                 got.append(name)
             else:
                 tmp.unlink()
+        if remote is not None:
+            self._set_synced(remote)
         return got
 
     def exists_remotely(self, name: str = SETTINGS_FILE) -> bool:

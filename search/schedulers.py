@@ -153,6 +153,13 @@ class StratifiedASHA(ResumingFIFO):
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)
         self._asha(trial)
+        done = int((trial.last_result or {}).get(self.time_attr, 0) or 0)
+        if trial.status == "TERMINATED" and trial.trial_id not in self.stopped and \
+                0 < done < self.asha_kwargs["max_t"]:
+            # Restored as finished short of max_t: Tune recorded our stop, but the head that decided
+            # it was lost before the decision reached the experiment storage. Record it again.
+            self.stopped[trial.trial_id] = done
+            self._save()
 
     def on_trial_result(self, tune_controller, trial, result) -> str:
         if self.non_finite(result):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -30,24 +31,48 @@ def kill_everything(proc: subprocess.Popen) -> None:
     """kill -9 a process started with ``start_new_session=True`` and everything it started (driver,
     Ray's raylet and GCS, Train workers), as a machine crash would, and wait until none is left.
     Killing the process group alone is not enough: a Ray worker still finishing a checkpoint upload
-    outlived it by a moment and wrote after the test had looked."""
+    outlived it by a moment and wrote after the test had looked. The tree is frozen (SIGSTOP) until
+    no new process appears, so none started meanwhile escapes, then killed."""
     import psutil
 
-    try:
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        tree = []
-    try:
+    def tree(pids):
+        found = {}
+        for pid in pids:
+            try:
+                root = psutil.Process(pid)
+                for p in (root, *root.children(recursive=True)):
+                    found[p.pid] = p
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGSTOP)
+    seen: dict = {}
+    while True:
+        new = {pid: p for pid, p in tree([proc.pid, *seen]).items() if pid not in seen}
+        if not new:
+            break
+        for p in new.values():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.suspend()
+        seen.update(new)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    for p in tree:
-        try:
+    for p in seen.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
     proc.wait()
-    _, alive = psutil.wait_procs(tree, timeout=30)
+
+    def dead(p) -> bool:  # an orphan stays a zombie until PID 1 reaps it: it runs no code
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.time() + 30
+    while (alive := [p for p in seen.values() if not dead(p)]) and time.time() < deadline:
+        time.sleep(0.1)
     assert not alive, f"processes survived kill -9: {alive}"
 
 

@@ -125,6 +125,43 @@ def fake_cluster(tmp_path):
         ray_cli("stop", "--force", timeout=120)  # also removes the "current cluster" that ray.init() would join
 
 
+JOIN_PROBE = """
+import json, os, sys
+import ray
+from trainables.driver import init_ray
+
+init_ray(sys.argv[1])
+
+@ray.remote(num_cpus=0)
+def probe():  # what Train's placement-group cleaner does in a job process: ask the State API
+    from ray.util.state import list_nodes
+    return os.environ.get("RAY_API_SERVER_ADDRESS"), len(list_nodes(timeout=10))
+
+print(json.dumps([os.environ.get("RAY_API_SERVER_ADDRESS"), *ray.get(probe.remote())]))
+"""
+
+
+def test_joining_a_cluster_pins_its_own_state_api(tmp_path):
+    """A cluster head started with a stale RAY_API_SERVER_ADDRESS in its environment (left by a local
+    instance long gone), joined by a driver with another stale one: the driver and its job processes
+    reach the cluster's own dashboard (else Train's placement groups leak and a search hangs)."""
+    port, dash = free_port(), free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{free_port()}")
+    env.pop("RAY_ADDRESS", None)
+    started = ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
+                      "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", env=env, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{free_port()}"
+        proc = subprocess.run([sys.executable, "-c", JOIN_PROBE, f"127.0.0.1:{port}"], capture_output=True,
+                              text=True, timeout=180, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        driver, worker, nodes = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert driver == worker == f"http://127.0.0.1:{dash}" and nodes == 1
+    finally:
+        ray_cli("stop", "--force", timeout=120)
+
+
 def trial_results(folder: Path) -> dict[str, list[dict]]:
     out = {}
     for f in folder.glob("trial_*/result.json"):

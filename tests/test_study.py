@@ -318,3 +318,50 @@ def test_a_trial_stopped_for_nan_before_a_kill_is_failed_not_pruned_on_resume(fo
     assert second.choose_trial_to_run(controller) is None
     (t,) = study(folder).trials[:1]
     assert t.state.name == "FAIL" and "err is not finite" in t.user_attrs[FAIL_REASON]
+
+
+def test_a_resume_takes_the_storage_copies_only_when_the_storage_is_ahead(bucket, s3_endpoint, tmp_path,
+                                                                          monkeypatch):
+    """Row counts cannot order copies (a resume reopens study trials): a head that pushed the storage's
+    newest state keeps its own copies, a new head takes the storage's, and a head that another head
+    overtook takes the storage's even where its own hold more rows."""
+    exp = f"{bucket}/exp"
+    for key in ("folder", "journal"):  # Journal() registers itself as this process's active one
+        monkeypatch.setitem(journal._STATE, key, journal._STATE[key])
+
+    def state(n_stopped):
+        return {"stopped": {f"t{i}": 1 for i in range(n_stopped)}, "strata": {}}
+
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    a_dir.mkdir()
+    journal.write_json(a_dir / journal.SETTINGS_FILE, {"name": "exp"})
+    journal.write_json(a_dir / journal.SCHEDULER_FILE, state(3))
+    journal.Journal(a_dir, exp, s3_endpoint).push()
+    # Head A resumes, and its own copy has fewer rows than the storage's (as after reopening trials).
+    journal.write_json(a_dir / journal.SCHEDULER_FILE, state(1))
+    assert journal.Journal(a_dir, exp, s3_endpoint).pull() == []
+    assert len(json.loads((a_dir / journal.SCHEDULER_FILE).read_text())["stopped"]) == 1
+    # A new head B (empty folder) takes everything, goes on and pushes.
+    b = journal.Journal(b_dir, exp, s3_endpoint)
+    assert sorted(b.pull()) == sorted([journal.SETTINGS_FILE, journal.SCHEDULER_FILE])
+    journal.write_json(b_dir / journal.SCHEDULER_FILE, state(2))
+    b.push()
+    # Head A resumes again: the storage is ahead of what A last synced, so B's copy wins over A's bigger one.
+    journal.write_json(a_dir / journal.SCHEDULER_FILE, state(5))
+    assert journal.SCHEDULER_FILE in journal.Journal(a_dir, exp, s3_endpoint).pull()
+    assert len(json.loads((a_dir / journal.SCHEDULER_FILE).read_text())["stopped"]) == 2
+    assert journal.Journal(a_dir, exp, s3_endpoint).pull() == []  # and now A is level with the storage
+
+
+def test_a_stop_lost_with_the_head_is_recorded_again_from_tunes_snapshot(folder):
+    """Tune's snapshot reached the storage with a trial stopped at epoch 2 of 4, the scheduler state
+    with that decision did not (the head died first): the restored scheduler records the stop."""
+    restored = asha()
+    t = trial("s", n_unfrozen=0, head="mlp")
+    t.status, t.last_result = "TERMINATED", {"epoch": 2, "err": 3.0}
+    restored.on_trial_add(None, t)
+    finished = trial("f", n_unfrozen=0, head="mlp")
+    finished.status, finished.last_result = "TERMINATED", {"epoch": 4, "err": 1.0}
+    restored.on_trial_add(None, finished)
+    assert restored.stopped == {"s": 2}
+    assert json.loads((folder / journal.SCHEDULER_FILE).read_text())["stopped"] == {"s": 2}

@@ -28,17 +28,29 @@ def _free_port() -> int:
 
 
 def _dashboard_url(address: str) -> str | None:
-    """The dashboard (State API) URL a running cluster recorded in its GCS, or None without one."""
+    """The dashboard (State API) URL a running cluster recorded in its GCS, or None without one.
+    Read directly with short timeouts: Ray's own helper retries for ~40 s and sets global state."""
     if "://" in address:  # a Ray Client address: the State API resolves it itself
         return None
-    from ray.dashboard.utils import ray_address_to_api_server_url
+    import time
+
+    from ray._private import ray_constants
+    from ray._raylet import GcsClient
 
     try:
-        return ray_address_to_api_server_url(address)
-    except Exception as exc:  # no dashboard: Train's placement-group cleaner cannot work either
-        log.warning("no dashboard found for the Ray cluster at %s (%s): placement groups of trials "
-                    "that die uncleanly may not be freed", address, exc)
+        gcs = GcsClient(address=address)
+        for _ in range(5):  # the dashboard registers itself a moment after the head starts
+            url = gcs.internal_kv_get(ray_constants.DASHBOARD_ADDRESS.encode(),
+                                      ray_constants.KV_NAMESPACE_DASHBOARD, timeout=5)
+            if url:
+                return f"http://{url.decode()}"
+            time.sleep(1)
+    except Exception as exc:  # unreachable GCS: ray.init reports it properly next
+        log.debug("could not read the dashboard address of %s: %s", address, exc)
         return None
+    log.warning("the Ray cluster at %s has no dashboard: placement groups of trials that die uncleanly "
+                "may not be freed (Train frees them through the State API)", address)
+    return None
 
 
 def init_ray(address: str | None) -> None:
@@ -71,8 +83,9 @@ def init_ray(address: str | None) -> None:
         api = _dashboard_url(address)
         if api:
             os.environ["RAY_API_SERVER_ADDRESS"] = env["RAY_API_SERVER_ADDRESS"] = api
-        else:
+        else:  # empty counts as unset: the State API falls back to RAY_ADDRESS
             os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+            env["RAY_API_SERVER_ADDRESS"] = ""
         ray.init(address=address, include_dashboard=True, log_to_driver=True, runtime_env={"env_vars": env})
         return
     port = _free_port()
