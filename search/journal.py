@@ -99,8 +99,8 @@ class Journal:
                     fs.put_file(str(path), f"{base}/{name}")
             except Exception as exc:
                 raise store.storage_error(f"{self.experiment}/{name}", self.s3_endpoint, exc, "upload") from exc
-        generation = max(self._synced() or 0, self._remote_generation(fs, base) or 0) + 1
         try:  # last: a kill before this leaves the storage's generation at the older, complete push
+            generation = max(self._synced() or 0, self._remote_generation(fs, base) or 0) + 1
             fs.pipe_file(f"{base}/{GENERATION_FILE}", json.dumps({"generation": generation}).encode())
         except Exception as exc:
             raise store.storage_error(f"{self.experiment}/{GENERATION_FILE}", self.s3_endpoint, exc, "upload") from exc
@@ -120,9 +120,7 @@ class Journal:
     def _remote_generation(self, fs, base: str) -> int | None:
         try:
             return int(json.loads(fs.cat_file(f"{base}/{GENERATION_FILE}"))["generation"])
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError):
+        except (FileNotFoundError, ValueError, KeyError, TypeError):  # none yet, or not ours
             return None
 
     def pull(self) -> list[str]:

@@ -310,7 +310,7 @@ def resumed_settings(args) -> tuple[dict, journal.Journal]:
     exp = experiment_uri(str(Path(args.storage).resolve()) if not store.is_remote(args.storage) else args.storage,
                          args.name)
     j = journal.Journal(folder, exp, args.s3_endpoint)
-    try:  # the storage's copies win when they hold more (another head made progress since)
+    try:  # a new head takes the storage's copies; an old one only if the storage is ahead of it
         pulled = j.pull()
     except store.StorageError as exc:
         raise InputError(str(exc)) from None
