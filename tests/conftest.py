@@ -27,6 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def result_of(stdout: str) -> dict:
+    """The result JSON that `trainables.train` and `search.replay` print last (found by its shape, so
+    a stray log line after it cannot break a test)."""
+    import json
+
+    return json.loads(next(line for line in reversed(stdout.strip().splitlines()) if line.startswith('{"name"')))
+
+
 def kill_everything(proc: subprocess.Popen) -> None:
     """kill -9 a process started with ``start_new_session=True`` and everything it started (driver,
     Ray's raylet and GCS, Train workers), as a machine crash would, and wait until none is left.

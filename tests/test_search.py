@@ -19,6 +19,7 @@ import pytest
 
 from search.pareto import hypervolume_2d, pareto_mask
 from search.spaces import SPACES, SpaceFn, apply, get_space, params_of
+from tests.conftest import result_of
 from trainables.config import TrialConfig
 from trainables.data.shard import write_shards
 from trainables.data.synthetic import write_synthetic
@@ -232,7 +233,7 @@ def test_search_end_to_end(search_data, s3_endpoint, tmp_path):
     rep = subprocess.run([sys.executable, "-m", "search.replay", str(folder), "--point", "0", "--epochs", "1"],
                          capture_output=True, text=True, timeout=600, env=env())
     assert rep.returncode == 0, rep.stdout[-3000:] + rep.stderr[-3000:]
-    replayed = json.loads(next(x for x in reversed(rep.stdout.splitlines()) if x.startswith('{"name"')))
+    replayed = result_of(rep.stdout)
     assert replayed["name"] == f"replay-{summary['front'][0]['trial_id']}-e1" and replayed["metrics"]["epoch"] == 1
     bad = subprocess.run([sys.executable, "-m", "search.replay", str(folder), "--point", "99", "--epochs", "1"],
                          capture_output=True, text=True, timeout=120, env=env())

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import kill_everything
+from tests.conftest import kill_everything, result_of
 from trainables.config import DataCfg, EncoderCfg, HeadCfg, OptimCfg, TrialConfig
 from trainables.data.shard import write_shards
 from trainables.data.stream import EchoClipDataset
@@ -52,11 +52,6 @@ def run_env() -> dict:
 
 def epochs_in(log: str) -> list[int]:
     return sorted({int(m.group(1)) for m in EPOCH_LINE.finditer(log)})
-
-
-def result_of(log: str) -> dict:
-    """The result JSON `trainables.train` prints; Ray's worker log lines may arrive after it."""
-    return json.loads(next(line for line in reversed(log.strip().splitlines()) if line.startswith('{"name"')))
 
 
 def start_trial(cfg_path: Path, log: Path) -> subprocess.Popen:
