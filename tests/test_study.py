@@ -365,3 +365,23 @@ def test_a_stop_lost_with_the_head_is_recorded_again_from_tunes_snapshot(folder)
     restored.on_trial_add(None, finished)
     assert restored.stopped == {"s": 2}
     assert json.loads((folder / journal.SCHEDULER_FILE).read_text())["stopped"] == {"s": 2}
+
+
+def test_a_damaged_push_counter_falls_back_to_comparing_the_copies(bucket, s3_endpoint, tmp_path, monkeypatch):
+    """journal.json in the storage is not JSON (or not ours): a resume neither crashes nor trusts it; it
+    takes what the head lacks or holds less of, and the next push writes a valid counter again."""
+    import s3fs
+
+    exp = f"{bucket}/exp"
+    for key in ("folder", "journal"):
+        monkeypatch.setitem(journal._STATE, key, journal._STATE[key])
+    head = tmp_path / "head"
+    head.mkdir()
+    journal.write_json(head / journal.SETTINGS_FILE, {"name": "exp"})
+    journal.Journal(head, exp, s3_endpoint).push()
+    fs = s3fs.S3FileSystem(endpoint_url=s3_endpoint, skip_instance_cache=True)
+    fs.pipe_file(f"{exp}/{journal.GENERATION_FILE}", b"\x00 not json")
+    new = journal.Journal(tmp_path / "new", exp, s3_endpoint)
+    assert new.pull() == [journal.SETTINGS_FILE]
+    new.push()
+    assert json.loads(fs.cat_file(f"{exp}/{journal.GENERATION_FILE}"))["generation"] >= 1
