@@ -16,12 +16,13 @@ and ``study.best_trials`` shows points that never finished. ``TruthfulOptunaSear
   suggestions, so no study trial is left RUNNING and none is counted twice.
 
 Cells: every scientific cell of the space is enqueued ``per_cell`` times (``enqueue_trial`` with
-partial parameters) before the sampler may exploit, cell after cell in ``Space.cells`` order (both
-ends of the front first, then between; a cell's trials together, so that ASHA can stop its second
-trial after one epoch — bench/search.py measured this order against round robin); ``CellwiseSampler``
-gives the base sampler only the trials of the same cell when it samples a nuisance parameter, so
-nuisance settings are tuned within each cell (tuning_playbook: compare scientific values, each with
-its best nuisance settings).
+partial parameters) before the sampler may exploit, in rounds: each cell once in ``Space.cells``
+order (both ends of the front first, then between), then each cell again, and so on. A first round
+gives every cell an answer early, and each cell's second trial is sampled knowing all of the first
+round (bench/search.py measured rounds against a cell's trials together: 0 against 7 misses of the
+target in 21 seeds, once nuisance settings are shared as below). ``CellwiseSampler`` tunes nuisance
+settings within each cell (tuning_playbook: compare scientific values, each with its best nuisance
+settings), starting from what worked in the other cells until the cell has trials of its own.
 """
 
 from __future__ import annotations
@@ -63,21 +64,22 @@ def non_finite(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def cell_points(cells: list[dict], per_cell: int) -> list[dict]:
-    """``per_cell`` trials of each cell, cell after cell (in ``Space.cells`` order)."""
-    return [dict(c) for c in cells for _ in range(per_cell)]
+    """``per_cell`` trials of each cell, in rounds of every cell once (in ``Space.cells`` order)."""
+    return [dict(c) for _ in range(per_cell) for c in cells]
 
 
-class _CellView:
-    """A study as seen from one cell: ``_get_trials``/``get_trials`` return only that cell's trials."""
+class _View:
+    """A study as its sampler sees it: ``_get_trials``/``get_trials`` return only the trials ``keep``
+    accepts (e.g. one cell's)."""
 
-    def __init__(self, study, cell: tuple, cell_of):
-        self._study, self._cell, self._cell_of = study, cell, cell_of
+    def __init__(self, study, keep):
+        self._study, self._keep = study, keep
 
     def _get_trials(self, *args, **kwargs):
-        return [t for t in self._study._get_trials(*args, **kwargs) if self._cell_of(t) == self._cell]
+        return [t for t in self._study._get_trials(*args, **kwargs) if self._keep(t)]
 
     def get_trials(self, *args, **kwargs):
-        return [t for t in self._study.get_trials(*args, **kwargs) if self._cell_of(t) == self._cell]
+        return [t for t in self._study.get_trials(*args, **kwargs) if self._keep(t)]
 
     @property
     def trials(self):
@@ -88,15 +90,28 @@ class _CellView:
 
 
 class CellwiseSampler(BaseSampler):
-    """Samples scientific parameters from the whole study and nuisance ones from their cell's trials.
+    """Samples scientific parameters from the whole study and nuisance ones per cell.
 
     A trial's cell is known once its scientific parameters are (spaces suggest them first; an
     enqueued trial knows them from the start). Before that, relative sampling is skipped and each
-    parameter is sampled on its own.
+    parameter is sampled on its own. Once it is known:
+
+    * nuisance parameters come from the base sampler fitted to the cell's own trials, as soon as
+      the cell holds the base's start-up number of finished trials (TPE's ``n_startup_trials``);
+      until then, from the base fitted to the whole study. A fresh cell's first guess at a
+      learning rate is then what worked in the other cells, not a random draw: with a handful of
+      trials per cell, TPE would otherwise never leave its random start-up within a cell
+      (bench/search.py: with 2 per cell, every nuisance setting was random);
+    * a trial does not repeat the parameters of an earlier trial of its cell (categorical and
+      stepped spaces repeat often: 1 trial in 8 in bench/search.py), unless ``RETRIES`` draws
+      from the base and as many at random all did.
     """
 
-    def __init__(self, base: BaseSampler, scientific: tuple[str, ...]):
+    RETRIES = 16
+
+    def __init__(self, base: BaseSampler, scientific: tuple[str, ...], seed: int | None = None):
         self.base, self.scientific = base, tuple(scientific)
+        self._random = optuna.samplers.RandomSampler(seed=seed)
 
     def cell_of(self, trial) -> tuple | None:
         """The trial's cell, once its last scientific parameter is known (spaces suggest it after any
@@ -107,21 +122,45 @@ class CellwiseSampler(BaseSampler):
         return tuple(params.get(s) for s in self.scientific)
 
     def _view(self, study, trial):
+        """The trials the base sampler learns from: the cell's own once there are enough of them.
+        A multi-objective study hides its PRUNED trials: Optuna's TPE ranks them by
+        ``study.direction``, which a multi-objective study does not have (RuntimeError)."""
         cell = self.cell_of(trial)
-        return study if cell is None else _CellView(study, cell, self.cell_of)
+        if cell is None:
+            return self._visible(study)
+        own = _View(self._visible(study), lambda t: self.cell_of(t) == cell)
+        startup = getattr(self.base, "_n_startup_trials", 0)
+        if startup and len(own._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) < startup:
+            return self._visible(study)
+        return own
+
+    @staticmethod
+    def _visible(study):
+        return _View(study, lambda t: t.state != TrialState.PRUNED) if study._is_multi_objective() else study
 
     def infer_relative_search_space(self, study, trial):
         if self.cell_of(trial) is None:
             return {}
-        return self.base.infer_relative_search_space(self._view(study, trial), trial)
+        space = self.base.infer_relative_search_space(self._view(study, trial), trial)
+        return {name: d for name, d in space.items() if name not in self.scientific}  # fixed by the cell
 
     def sample_relative(self, study, trial, search_space):
         if not search_space:
             return {}
-        return self.base.sample_relative(self._view(study, trial), trial, search_space)
+        view, cell = self._view(study, trial), self.cell_of(trial)
+        tried = [t.params for t in study._get_trials(deepcopy=False, states=None)
+                 if t.number != trial.number and self.cell_of(t) == cell]
+        params = {}
+        for attempt in range(2 * self.RETRIES):
+            params = self.base.sample_relative(view, trial, search_space) if attempt < self.RETRIES else {}
+            params |= {name: self._random.sample_independent(view, trial, name, d)  # the base's start-up
+                       for name, d in search_space.items() if name not in params}
+            if not any(all(t.get(k) == v for k, v in params.items()) for t in tried):
+                break
+        return params
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        view = study if param_name in self.scientific else self._view(study, trial)
+        view = self._visible(study) if param_name in self.scientific else self._view(study, trial)
         return self.base.sample_independent(view, trial, param_name, param_distribution)
 
     def before_trial(self, study, trial):
@@ -132,6 +171,7 @@ class CellwiseSampler(BaseSampler):
 
     def reseed_rng(self) -> None:
         self.base.reseed_rng()
+        self._random.reseed_rng()
 
 
 def make_sampler(name: str, seed: int, *, scientific: tuple[str, ...], per_cell: int, num_samples: int,
@@ -150,7 +190,7 @@ def make_sampler(name: str, seed: int, *, scientific: tuple[str, ...], per_cell:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # group=True
             base = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
                                               warn_independent_sampling=False)
-        return CellwiseSampler(base, scientific), notes
+        return CellwiseSampler(base, scientific, seed), notes
     if name == "nsga2":
         population = 50
         if population * 2 > num_samples:

@@ -65,7 +65,7 @@ def test_every_cell_is_tried_before_the_sampler_exploits_ends_of_the_front_first
     ks = [c.get("n_unfrozen", c.get("lora_last")) for c in cells[::2]]
     assert ks == [0, "all", 4, 1, 8, 2, 16, 2, 16, 4]  # frozen and full first, then between; then LoRA depths
     points = cell_points(cells, 2)
-    assert points == [c for c in cells for _ in (0, 1)]  # a cell's trials together: ASHA can judge the second
+    assert points == [c for _ in (0, 1) for c in cells]  # in rounds: every cell once, then every cell again
     cells = SPACES["selective_ft"].cells("tiny")
     points = cell_points(cells, 2)
     s = searcher(folder, "selective_ft", per_cell=2, num_samples=len(cells) * 2)
@@ -77,24 +77,70 @@ def test_every_cell_is_tried_before_the_sampler_exploits_ends_of_the_front_first
     assert {"n_unfrozen", "head"} <= set(free)
 
 
-def test_nuisance_parameters_are_sampled_from_their_own_cell_only():
-    class Spy(optuna.samplers.RandomSampler):
-        seen: list = []
+class _Spy(optuna.samplers.RandomSampler):
+    """A random base sampler with TPE's start-up threshold that records which trials it was shown."""
 
-        def sample_independent(self, study, trial, name, dist):
-            Spy.seen.append((name, {t.number for t in study._get_trials(deepcopy=False, states=None)}))
-            return super().sample_independent(study, trial, name, dist)
+    def __init__(self, seed=0, startup=2):
+        super().__init__(seed=seed)
+        self._n_startup_trials, self.seen = startup, []
 
-    st = optuna.create_study(sampler=CellwiseSampler(Spy(seed=0), ("head",)))
-    for head in ("mlp", "gcn", "mlp"):
-        st.enqueue_trial({"head": head})
+    def sample_independent(self, study, trial, name, dist):
+        self.seen.append((name, {t.number for t in study._get_trials(deepcopy=False, states=None)}))
+        return super().sample_independent(study, trial, name, dist)
+
+
+def _ask(st, head, lr_choices=(1e-4, 1e-3, 1e-2), value=1.0):
+    st.enqueue_trial({"head": head})
+    t = st.ask()
+    t.suggest_categorical("head", ["mlp", "gcn"])
+    t.suggest_categorical("lr", list(lr_choices))
+    st.tell(t, value)
+    return t
+
+
+def test_nuisance_parameters_come_from_the_whole_study_until_the_cell_has_its_own_start_up():
+    spy = _Spy(startup=2)
+    st = optuna.create_study(sampler=CellwiseSampler(spy, ("head",), seed=0))
+    for head in ("mlp", "gcn", "mlp", "mlp", "gcn"):
+        _ask(st, head)
+    lr_views = [view for name, view in spy.seen if name == "lr"]
+    assert lr_views[1] == {0, 1}  # trial 1 (gcn, no gcn trial yet) learns from the mlp trial too
+    assert lr_views[2] == {0, 1, 2}  # trial 2 (mlp): its cell holds 1 finished trial, below the start-up
+    assert lr_views[3] == {0, 2, 3}  # trial 3 (mlp): 2 mlp trials finished: only its own cell
+    assert lr_views[4] == {0, 1, 2, 3, 4}  # trial 4 (gcn): 1 gcn trial, still below the start-up
+
+
+def test_a_fresh_cell_starts_from_the_nuisance_setting_that_worked_in_the_others():
+    """TPE fitted to the whole study: the learning rate that won in the mlp cell is the gcn cell's
+    first guess (random start-up alone would pick it 1 time in 4)."""
+    picks = []
+    for seed in range(8):
+        sampler, _ = make_sampler("tpe", seed, scientific=("head",), per_cell=2, num_samples=8)
+        st = optuna.create_study(sampler=sampler)
+        for lr in (1e-4, 1e-3, 1e-2, 1e-1):
+            st.enqueue_trial({"head": "mlp", "lr": lr})
+            t = st.ask()
+            t.suggest_categorical("head", ["mlp", "gcn"])
+            t.suggest_categorical("lr", [1e-4, 1e-3, 1e-2, 1e-1])
+            st.tell(t, 1.0 if lr == 1e-2 else 5.0)
+        st.enqueue_trial({"head": "gcn"})
         t = st.ask()
         t.suggest_categorical("head", ["mlp", "gcn"])
-        t.suggest_float("lr", 1e-4, 1e-2, log=True)
-        st.tell(t, 1.0)
-    lr_views = [view for name, view in Spy.seen if name == "lr"]
-    assert lr_views[-1] == {0, 2}  # trial 2 (mlp) saw only mlp trials, not trial 1 (gcn)
-    assert lr_views[1] == {1}
+        picks.append(t.suggest_categorical("lr", [1e-4, 1e-3, 1e-2, 1e-1]))
+    assert picks.count(1e-2) >= 6, picks
+
+
+def test_a_trial_does_not_repeat_the_parameters_of_an_earlier_trial_of_its_cell():
+    repeats = 0
+    for seed in range(10):
+        smp, _ = make_sampler("tpe", seed, scientific=("head",), per_cell=3, num_samples=6)
+        st = optuna.create_study(sampler=smp)
+        for i in range(4):
+            _ask(st, "mlp", lr_choices=(1e-3, 1e-2, 1e-1), value=float(i))
+        lrs = [t.params["lr"] for t in st.trials]
+        assert len(set(lrs[:3])) == 3, (seed, lrs)  # three choices, three trials: each tried once
+        repeats += len(lrs) - len(set(lrs))  # the fourth must repeat one: accepted, no endless retry
+    assert repeats == 10
 
 
 def test_tpe_start_up_and_nsga2_population_follow_the_budget():
