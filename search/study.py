@@ -19,14 +19,16 @@ Cells: every scientific cell of the space is enqueued ``per_cell`` times (``enqu
 partial parameters) before the sampler may exploit, in rounds: each cell once in ``Space.cells``
 order (both ends of the front first, then between), then each cell again, and so on. A first round
 gives every cell an answer early, and each cell's second trial is sampled knowing all of the first
-round (bench/search.py measured rounds against a cell's trials together: 0 against 7 misses of the
-target in 21 seeds, once nuisance settings are shared as below). ``CellwiseSampler`` tunes nuisance
-settings within each cell (tuning_playbook: compare scientific values, each with its best nuisance
-settings), starting from what worked in the other cells until the cell has trials of its own.
+round (bench/search.py, 21 seeds, rounds against a cell's trials together: median 30 against 34
+summed epochs to the target with ASHA by cell, 22 against 30 with ``--scheduler asha-pareto``).
+``CellwiseSampler`` tunes nuisance settings within each cell (tuning_playbook: compare scientific
+values, each with its best nuisance settings), starting from what worked in the other cells until
+the cell has trials of its own.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import warnings
@@ -102,16 +104,17 @@ class CellwiseSampler(BaseSampler):
       learning rate is then what worked in the other cells, not a random draw: with a handful of
       trials per cell, TPE would otherwise never leave its random start-up within a cell
       (bench/search.py: with 2 per cell, every nuisance setting was random);
-    * a trial does not repeat the parameters of an earlier trial of its cell (categorical and
-      stepped spaces repeat often: 1 trial in 8 in bench/search.py), unless ``RETRIES`` draws
-      from the base and as many at random all did.
+    * a trial does not repeat the nuisance parameters of an earlier trial of its cell (categorical
+      spaces such as bench/search.py's grid repeat often: 1 trial in 8 there; continuous ones
+      hardly ever), unless ``RETRIES`` draws from the base and as many at random all did.
     """
 
     RETRIES = 16
 
     def __init__(self, base: BaseSampler, scientific: tuple[str, ...], seed: int | None = None):
         self.base, self.scientific = base, tuple(scientific)
-        self._random = optuna.samplers.RandomSampler(seed=seed)
+        # not the base's own seed: TPE's start-up draws with RandomSampler(seed) and would repeat them
+        self._random = optuna.samplers.RandomSampler(seed=None if seed is None else seed + 1)
 
     def cell_of(self, trial) -> tuple | None:
         """The trial's cell, once its last scientific parameter is known (spaces suggest it after any
@@ -148,16 +151,34 @@ class CellwiseSampler(BaseSampler):
         if not search_space:
             return {}
         view, cell = self._view(study, trial), self.cell_of(trial)
-        tried = [t.params for t in study._get_trials(deepcopy=False, states=None)
+        tried = [{k: v for k, v in t.params.items() if k not in self.scientific}
+                 for t in study._get_trials(deepcopy=False, states=None)
                  if t.number != trial.number and self.cell_of(t) == cell]
         params = {}
         for attempt in range(2 * self.RETRIES):
             params = self.base.sample_relative(view, trial, search_space) if attempt < self.RETRIES else {}
             params |= {name: self._random.sample_independent(view, trial, name, d)  # the base's start-up
                        for name, d in search_space.items() if name not in params}
-            if not any(all(t.get(k) == v for k, v in params.items()) for t in tried):
+            # A repeat sets every nuisance parameter an earlier trial of the cell had as it had it (the
+            # sample may also hold other cells' conditional parameters, which this trial will not use).
+            if not any(t and all(k in params and params[k] == v for k, v in t.items()) for t in tried):
                 break
+        if attempt >= self.RETRIES and getattr(self.base, "_constant_liar", False):
+            self._record_relative(study, trial, params)
         return params
+
+    @staticmethod
+    def _record_relative(study, trial, params: dict) -> None:
+        """TPE's constant liar reads a running trial's parameters from the last relative sample it
+        recorded; a random draw chosen after it must replace that record (optuna 5.x key format)."""
+        try:
+            from optuna.samplers._tpe.sampler import _RELATIVE_PARAMS_KEY, _SYSTEM_ATTR_MAX_LENGTH
+        except ImportError:
+            return
+        text = json.dumps(params)
+        for i in range(0, len(text), _SYSTEM_ATTR_MAX_LENGTH):
+            study._storage.set_trial_system_attr(trial._trial_id, f"{_RELATIVE_PARAMS_KEY}:{i // _SYSTEM_ATTR_MAX_LENGTH}",
+                                                 text[i:i + _SYSTEM_ATTR_MAX_LENGTH])
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         view = self._visible(study) if param_name in self.scientific else self._view(study, trial)

@@ -140,7 +140,28 @@ def test_a_trial_does_not_repeat_the_parameters_of_an_earlier_trial_of_its_cell(
         lrs = [t.params["lr"] for t in st.trials]
         assert len(set(lrs[:3])) == 3, (seed, lrs)  # three choices, three trials: each tried once
         repeats += len(lrs) - len(set(lrs))  # the fourth must repeat one: accepted, no endless retry
+        # TPE's constant liar reads the fourth trial's parameters from its record: the ones it used
+        assert json.loads(st.trials[3].system_attrs["tpe:relative_params:0"]) == {"lr": lrs[3]}
     assert repeats == 10
+
+
+def test_no_repeats_either_when_other_cells_have_conditional_parameters():
+    """A GCN trial's width is in TPE's search space for every trial once one GCN trial ran; an MLP
+    trial's sample then carries it too, yet only the parameters MLP trials use decide a repeat."""
+    for seed in range(10):
+        smp, _ = make_sampler("tpe", seed, scientific=("head",), per_cell=3, num_samples=6)
+        st = optuna.create_study(sampler=smp)
+        for i, head in enumerate(["gcn", "mlp"] * 3):
+            st.enqueue_trial({"head": head})
+            t = st.ask()
+            t.suggest_categorical("head", ["mlp", "gcn"])
+            t.suggest_categorical("lr", [1e-3, 1e-2, 1e-1])
+            if head == "gcn":
+                t.suggest_categorical("gcn_width", [8, 16])
+            st.tell(t, float(i))
+        mlp = [t.params["lr"] for t in st.trials if t.params["head"] == "mlp"]
+        gcn = [(t.params["lr"], t.params["gcn_width"]) for t in st.trials if t.params["head"] == "gcn"]
+        assert len(set(mlp)) == 3 and len(set(gcn)) == 3, (seed, mlp, gcn)
 
 
 def test_tpe_start_up_and_nsga2_population_follow_the_budget():
