@@ -227,6 +227,19 @@ def make_sampler(name: str, seed: int, *, scientific: tuple[str, ...], per_cell:
     return optuna.samplers.RandomSampler(seed=seed), notes
 
 
+def tune_trial_ids(folder: Path) -> set[str] | None:
+    """The trial ids in Tune's newest experiment state file in ``folder``; None if there is none or
+    it cannot be read."""
+    files = sorted(Path(folder).glob("experiment_state-*.json"))
+    if not files:
+        return None
+    try:
+        data = json.loads(files[-1].read_text())
+        return {json.loads(entry[0])["trial_id"] for entry in data["trial_data"]}
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
 # ---------------------------------------------------------------------------------------------
 # The searcher
 # ---------------------------------------------------------------------------------------------
@@ -267,9 +280,36 @@ class TruthfulOptunaSearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         import pickle
 
-        with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+        try:
+            with open(checkpoint_path, "rb") as f:
+                state = pickle.load(f)
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError) as exc:
+            # Tune copies this file to the experiment storage without an atomic rename: a kill during
+            # the copy leaves it empty or cut, and Tune would then restart the experiment from nothing
+            # (and wait for a trial that never comes). The study and Tune's own state hold the truth.
+            log.warning("%s is unreadable (%s: %s; a kill while Tune copied it); the searcher's record is "
+                        "rebuilt from the study and Tune's experiment state", checkpoint_path, type(exc).__name__, exc)
+            state = self._state_from_study(tune_trial_ids(Path(checkpoint_path).parent))
+        self.__dict__.update(state)
         self.attach(journal.folder())
+
+    def _state_from_study(self, recorded: set[str] | None) -> dict:
+        """What ``save`` would have held, from the study in ``journal.folder()``: Tune trial -> study
+        trial for the trials Tune recorded (all tagged ones if its state is unreadable too), the
+        errored trials still open, and those told FAIL for an error (a resume retries them)."""
+        st = optuna.load_study(study_name=self._study_name, storage=study_url(journal.folder()))
+        state = {"_ot_trials": {}, "_errored": {}, "_failed_errors": set()}
+        for t in st.get_trials(deepcopy=False):
+            tid = t.user_attrs.get(TUNE_TRIAL_ID)
+            if tid is None or (recorded is not None and tid not in recorded):
+                continue
+            state["_ot_trials"][tid] = t._trial_id
+            reason = t.user_attrs.get(FAIL_REASON, "")
+            if t.state == TrialState.RUNNING and reason:  # note_error: open until the end
+                state["_errored"][tid] = reason
+            elif t.state == TrialState.FAIL and not reason.startswith("non-finite metric"):  # finalize
+                state["_failed_errors"].add(tid)
+        return state
 
     # --- study access ------------------------------------------------------------------------
     def _study(self):

@@ -215,6 +215,34 @@ def test_an_errored_trial_retried_on_resume_is_told_its_final_result(folder, tmp
     assert t.state.name == "COMPLETE" and t.value == 5.0
 
 
+def test_a_searcher_state_cut_by_a_kill_is_rebuilt_from_the_study_and_tunes_own_state(folder, tmp_path):
+    """Tune copies searcher-state-*.pkl to the experiment storage without an atomic rename; a kill
+    during the copy left it empty, and the resumed search restarted from nothing and hung."""
+    s = searcher(folder)
+    s.suggest("done")
+    s.on_trial_complete("done", result(3, 5.0))
+    s.suggest("running")
+    s.suggest("errored")
+    s.on_trial_complete("errored", error=True)
+    s.note_error("errored", "the trial errored: RuntimeError: boom")
+    unrecorded = s.suggest("unrecorded")  # asked after Tune's last snapshot
+    tune = tmp_path / "driver_artifacts"
+    tune.mkdir()
+    (tune / "searcher-state-x.pkl").write_bytes(b"")
+    (tune / "experiment_state-x.json").write_text(json.dumps(
+        {"trial_data": [[json.dumps({"trial_id": tid})] for tid in ("done", "running", "errored")]}))
+    again = searcher(folder, enqueue=False)  # as Tune builds it on resume: the study already exists
+    again.restore(str(tune / "searcher-state-x.pkl"))
+    assert set(again._ot_trials) == {"done", "running", "errored"}
+    assert again._errored == {"errored": "the trial errored: RuntimeError: boom"}
+    assert again._orphans == [unrecorded["study_trial"]]  # re-run with its own parameters
+    again.on_trial_complete("running", result(3, 4.0))
+    again.on_trial_complete("errored", result(3, 6.0))  # retried by the resume: told its result
+    by_id = {t.user_attrs[TUNE_TRIAL_ID]: t for t in study(folder).trials if TUNE_TRIAL_ID in t.user_attrs}
+    assert by_id["running"].state.name == by_id["errored"].state.name == "COMPLETE"
+    assert by_id["done"].value == 5.0
+
+
 def test_multi_objective_best_trials_are_only_complete_ones(folder):
     s = searcher(folder, multi=True)
     for tid, err, epochs in (("full", 8.0, 3), ("early", 2.0, 1), ("other", 9.0, 3)):
