@@ -33,7 +33,7 @@ from trainables.data import storage as store
 
 SAMPLERS = ("tpe", "nsga2", "random", "qmc")
 TRAINABLES = ("train", "rehearsal")
-SCHEDULERS = ("asha", "none")
+SCHEDULERS = ("asha", "asha-pareto", "none")
 DEMO_VIDEOS = 120
 RESUMED_KEYS = ("space", "trainable", "encoder", "data", "weights", "max_epochs", "num_samples", "seed",
                 "batch_size", "grace_period", "workers_per_trial", "gpus_per_worker", "per_cell")
@@ -61,7 +61,7 @@ def parser() -> argparse.ArgumentParser:
                    help="train (default), or rehearsal: trials sleep instead of training, to check a cluster's "
                         "scheduling, autoscaling and concurrency first (search/rehearsal.py)")
     g.add_argument("--multi-objective", action="store_true",
-                   help="Optuna optimises (val_px_error, trainable_params) jointly; ASHA still uses val_px_error")
+                   help="Optuna optimises (val_px_error, trainable_params) jointly; ASHA still ranks by val_px_error")
     g = p.add_argument_group("budget and scheduling")
     g.add_argument("--per-cell", type=int, default=None,
                    help="trials per scientific cell, enqueued before the sampler exploits (default 1 on CPU, "
@@ -72,7 +72,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before the first rung (default 1)")
     g.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor, >= 2 (default 2)")
     g.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler (default tpe)")
-    g.add_argument("--scheduler", default="asha", choices=SCHEDULERS, help="early stopping (default asha)")
+    g.add_argument("--scheduler", default="asha", choices=SCHEDULERS,
+                   help="early stopping: asha (default): ASHA within each scientific cell; asha-pareto: also, from "
+                        "ASHA's second rung, stop a trial when one with fewer trainable parameters already reported an "
+                        "error at least as low at that rung (faster to a good front; a regime may then have no "
+                        "completed trial); none")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=None, help="per worker (default 4 on CPU, 16 on GPU)")
     g.add_argument("--cache-views", type=int, default=0,
@@ -205,7 +209,7 @@ def check_inputs(args) -> None:
             space.check_encoder(args.encoder)
         except ValueError as exc:
             raise InputError(str(exc)) from None
-    if args.scheduler == "asha" and args.grace_period >= args.max_epochs:
+    if args.scheduler != "none" and args.grace_period >= args.max_epochs:
         raise InputError(f"--grace-period {args.grace_period} must be below --max-epochs {args.max_epochs}")
     for uri in ([args.weights] if args.weights and not weights_map(args.weights) else []) + \
             list(weights_map(args.weights).values()):

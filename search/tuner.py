@@ -96,6 +96,7 @@ def make_scheduler(settings: dict):
     if settings["scheduler"] == "none":
         return ResumingFIFO(METRIC)
     return StratifiedASHA(get_space(settings["space"]).scientific, time_attr="epoch", metric=METRIC, mode=MODE,
+                          cost="trainable_params" if settings["scheduler"] == "asha-pareto" else None,
                           max_t=settings["max_epochs"], grace_period=settings["grace_period"],
                           reduction_factor=settings["reduction_factor"])
 

@@ -302,9 +302,13 @@ def trial(tid, **config):
     return SimpleNamespace(trial_id=tid, config=config, status="RUNNING", last_result={})
 
 
-def asha():
-    return StratifiedASHA(("n_unfrozen", "head"), time_attr="epoch", metric="err", mode="min", max_t=4,
+def asha(cost=None):
+    return StratifiedASHA(("n_unfrozen", "head"), cost=cost, time_attr="epoch", metric="err", mode="min", max_t=4,
                           grace_period=1, reduction_factor=2)
+
+
+def pareto_asha():  # --scheduler asha-pareto
+    return asha("trainable_params")
 
 
 def test_asha_compares_only_within_a_cell(folder):
@@ -320,6 +324,111 @@ def test_asha_compares_only_within_a_cell(folder):
     assert decide("gcn-b", 8.0) == TrialScheduler.CONTINUE
     assert sched.stopped == {"mlp-b": 1} and set(sched.by_stratum) == {"n_unfrozen=2 head=mlp",
                                                                        "n_unfrozen=2 head=gcn"}
+
+
+def _pareto_trials(sched, **cells):
+    t = {name: trial(name, n_unfrozen=k, head="mlp") for name, k in cells.items()}
+    for x in t.values():
+        sched.on_trial_add(None, x)
+    return t
+
+
+def test_from_the_second_rung_a_trial_dominated_by_a_cheaper_one_is_stopped(folder):
+    sched = pareto_asha()
+    t = _pareto_trials(sched, frozen=0, full="all", full_good="all", frozen_late=0)
+    decide = lambda name, epoch, err, params: sched.on_trial_result(  # noqa: E731
+        None, t[name], {"epoch": epoch, "err": err, "trainable_params": params})
+    assert decide("frozen", 1, 5.0, 100) == TrialScheduler.CONTINUE
+    assert decide("full", 1, 6.0, 900) == TrialScheduler.CONTINUE  # first rung: judged in its cell only
+    assert decide("full_good", 1, 5.5, 900) == TrialScheduler.CONTINUE  # better than its cell's 6.0
+    assert decide("frozen", 2, 4.0, 100) == TrialScheduler.CONTINUE
+    assert decide("full", 2, 4.5, 900) == TrialScheduler.STOP  # more parameters, higher error: dominated
+    assert decide("full_good", 2, 3.0, 900) == TrialScheduler.CONTINUE  # more parameters, but better
+    assert decide("frozen_late", 1, 5.5, 100) == TrialScheduler.STOP  # (ASHA in its own cell)
+    assert sched.dominated == {"full": {"epoch": 2, "by": "frozen"}}
+    assert sched.stopped == {"full": 2, "frozen_late": 1}
+    decide("full_good", 4, 9.0, 900)  # at max_t the trial ends: never a stop
+    assert "full_good" not in sched.stopped and "full_good" not in sched.dominated
+    saved = json.loads((folder / journal.SCHEDULER_FILE).read_text())
+    assert saved["dominated"] == sched.dominated and saved["pareto_rungs"]["2"]["frozen"] == [100.0, 4.0]
+
+
+def test_a_cheaper_trial_is_never_stopped_by_a_costlier_one_and_ties_in_cost_do_not_dominate(folder):
+    sched = pareto_asha()
+    t = _pareto_trials(sched, full="all", frozen=0, frozen_b=0)
+    for name in t:
+        sched.on_trial_result(None, t[name], {"epoch": 1, "err": 5.0, "trainable_params": 10})
+    assert sched.on_trial_result(None, t["full"], {"epoch": 2, "err": 1.0, "trainable_params": 900}) == \
+        TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, t["frozen"], {"epoch": 2, "err": 8.0, "trainable_params": 100}) == \
+        TrialScheduler.CONTINUE  # far worse than full fine-tuning, but the cheapest: on the front
+    assert sched.on_trial_result(None, t["frozen_b"], {"epoch": 2, "err": 7.0, "trainable_params": 100}) == \
+        TrialScheduler.CONTINUE  # same cost as "frozen" and better
+    assert sched.dominated == {}
+
+
+def test_a_trial_that_diverged_or_errored_dominates_no_later_arrival(folder):
+    sched = pareto_asha()
+    t = _pareto_trials(sched, nan=0, err=0, dear="all")
+    for name, params in (("nan", 100), ("err", 100), ("dear", 900)):
+        sched.on_trial_result(None, t[name], {"epoch": 1, "err": 5.0, "trainable_params": params})
+    for name in ("nan", "err"):
+        sched.on_trial_result(None, t[name], {"epoch": 2, "err": 1.0, "trainable_params": 100})
+    sched.on_trial_result(None, t["nan"], {"epoch": 3, "err": math.nan, "trainable_params": 100})
+    sched.on_trial_error(None, t["err"])
+    assert sched.on_trial_result(None, t["dear"], {"epoch": 2, "err": 4.0, "trainable_params": 900}) == \
+        TrialScheduler.CONTINUE and sched.dominated == {}
+
+
+def test_pareto_stops_survive_a_restart_and_can_be_turned_off_or_maximised(folder):
+    first = pareto_asha()
+    a = _pareto_trials(first, a=0)["a"]
+    first.on_trial_result(None, a, {"epoch": 1, "err": 5.0, "trainable_params": 100})
+    first.on_trial_result(None, a, {"epoch": 2, "err": 4.0, "trainable_params": 100})
+    second = pareto_asha()  # as Tune unpickles it on resume: the rung history comes from scheduler.json
+    b = _pareto_trials(second, b="all")["b"]
+    second.on_trial_result(None, b, {"epoch": 1, "err": 5.0, "trainable_params": 900})
+    assert second.on_trial_result(None, b, {"epoch": 2, "err": 4.5, "trainable_params": 900}) == TrialScheduler.STOP
+    assert second.dominated["b"] == {"epoch": 2, "by": "a"}
+
+    journal._STATE.update(folder=None)  # no persistence below: fresh schedulers
+    off = asha()  # --scheduler asha (the default): ASHA within each cell only
+    up = StratifiedASHA(("n_unfrozen", "head"), cost="trainable_params", time_attr="epoch", metric="dice",
+                        mode="max", max_t=4, grace_period=1, reduction_factor=2)
+    for sched, key, cheap, dear in ((off, "err", 4.0, 4.5), (up, "dice", 0.8, 0.7)):
+        t = _pareto_trials(sched, cheap=0, dear="all")
+        for name, params, value in (("cheap", 100, cheap), ("dear", 900, dear)):
+            sched.on_trial_result(None, t[name], {"epoch": 1, key: value, "trainable_params": params})
+        sched.on_trial_result(None, t["cheap"], {"epoch": 2, key: cheap, "trainable_params": 100})
+        sched._last = sched.on_trial_result(None, t["dear"], {"epoch": 2, key: dear, "trainable_params": 900})
+    assert off._last == TrialScheduler.CONTINUE and off.dominated == {}
+    assert up._last == TrialScheduler.STOP and up.dominated["dear"]["by"] == "cheap"  # lower Dice, more params
+
+
+@pytest.mark.parametrize("flag,cost", [("asha", None), ("asha-pareto", "trainable_params")])
+def test_the_scheduler_flag_chooses_pareto_stops(flag, cost):
+    from search.run import parser
+    from search.tuner import make_scheduler
+
+    args = parser().parse_args(["--scheduler", flag])
+    sched = make_scheduler({"scheduler": args.scheduler, "space": "smoke", "max_epochs": 4, "grace_period": 1,
+                            "reduction_factor": 2})
+    assert isinstance(sched, StratifiedASHA) and sched.cost == cost
+
+
+def test_a_scheduler_pickled_before_pareto_stops_existed_resumes_without_them(folder):
+    import pickle
+
+    old = asha()
+    for name in ("cost", "at_rung", "dominated"):  # what an older EchoTune pickled into tuner.pkl lacked
+        old.__dict__.pop(name, None)
+    sched = pickle.loads(pickle.dumps(old))
+    t = _pareto_trials(sched, cheap=0, dear="all")
+    for epoch in (1, 2):
+        for name, params, err in (("cheap", 100, 4.0), ("dear", 900, 5.0)):
+            decision = sched.on_trial_result(None, t[name], {"epoch": epoch, "err": err, "trainable_params": params})
+    assert decision == TrialScheduler.CONTINUE and sched.cost is None and sched.dominated == {}
+    assert "dominated" not in sched.debug_string()
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
@@ -480,3 +589,22 @@ def test_a_damaged_push_counter_falls_back_to_comparing_the_copies(bucket, s3_en
     assert new.pull() == [journal.SETTINGS_FILE]
     new.push()
     assert json.loads(fs.cat_file(f"{exp}/{journal.GENERATION_FILE}"))["generation"] >= 1
+
+
+def test_the_export_says_which_cheaper_trial_dominated_a_stopped_one(tmp_path):
+    from search.pareto import export
+    from tests.test_safety import fake_experiment, row
+
+    folder = tmp_path / "dominated"
+    fake_experiment(folder, {"cheap": [row(e, 9.0 - e, trainable_params=100) for e in (1, 2, 3, 4)],
+                             "dear": [row(e, 9.5 - e, trainable_params=900) for e in (1, 2)],
+                             "asha": [row(1, 12.0, trainable_params=100)]})
+    (folder / journal.SCHEDULER_FILE).write_text(json.dumps({"stopped": {"dear": 2, "asha": 1},
+                                                              "dominated": {"dear": {"epoch": 2, "by": "cheap"}}}))
+    rows = {t["trial_id"]: t for t in export(folder)["trials"]}
+    assert rows["dear"]["state"] == "PRUNED" and not rows["dear"]["infeasible"]
+    assert rows["dear"]["reason"].startswith("dominated at epoch 2 by trial cheap")
+    assert rows["asha"]["reason"] == "" and rows["cheap"]["reason"] == ""  # stopped in its cell; completed
+    assert "dominated at epoch 2 by trial cheap" in (folder / "pareto.csv").read_text()
+    (folder / journal.SCHEDULER_FILE).write_text('{"dominated": ')  # damaged: no explanation, still an export
+    assert {t["trial_id"]: t["reason"] for t in export(folder)["trials"]}["dear"] == ""
