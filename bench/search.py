@@ -1,6 +1,7 @@
 """Search-efficiency benchmark: epochs to a good Pareto front, replayed through the real Tuner.
 
     python bench/search.py [--quick] [--seeds N] [--per-cell K] [--overhead-trials N] [--curves CSV]
+                            [--strategies LIST] [--cell-order rounds|together]
 
 ``bench/data/curves.csv`` holds the per-epoch learning curves of a grid of ``smoke``-like
 configurations trained for real on the synthetic task (``bench/record_curves.py`` made it; its
@@ -9,17 +10,20 @@ instance, with a Tune function trainable that looks its configuration's curve up
 epoch by epoch (no Ray Train, no sleeping), one trial at a time:
 
 * ``echotune``: EchoTune's default search (``search.run``): ``TruthfulOptunaSearch`` with every
-  scientific cell (n_unfrozen x head) enqueued ``--per-cell`` times (``cell_points``), nuisance
-  parameters (lr_head, aug_strength) from ``make_sampler("tpe")`` (TPE wrapped in
-  ``CellwiseSampler``), and ``StratifiedASHA`` by cell (time_attr epoch, grace 1, reduction
-  factor 2, max_t = E);
+  scientific cell (n_unfrozen x head) enqueued ``--per-cell`` times (``cell_points``: in rounds of
+  every cell once), nuisance parameters (lr_head, aug_strength) from ``make_sampler("tpe")`` (TPE
+  wrapped in ``CellwiseSampler``: fitted to the whole study until a cell has trials of its own, no
+  repeats within a cell), and ``StratifiedASHA`` by cell (time_attr epoch, grace 1, reduction
+  factor 2, max_t = E; ``--scheduler asha``);
+* ``echotune_pareto``: the same with ``--scheduler asha-pareto`` (Pareto stops across cells from
+  ASHA's second rung, ``search/schedulers.py``);
 * ``asha_tpe``: Ray's ``OptunaSearch`` with Optuna's default ``TPESampler(seed)`` (no cells) and
   Ray's ``ASHAScheduler`` over all trials (same grace, reduction factor and max_t);
 * ``random``: ``OptunaSearch`` with ``RandomSampler(seed)``, no early stopping;
 * ``grid``: every configuration of the table to E epochs (``tune.grid_search``), in an order
   shuffled by the seed.
 
-(a)-(c) get the same number of trials: cells x ``--per-cell`` (EchoTune's own default budget).
+The searches get the same number of trials: cells x ``--per-cell`` (EchoTune's own default budget).
 For each strategy the cost is the summed epochs run (over trials, in the order Tune completed
 them) until the hypervolume of the front of trials that ran all E epochs (trainable params /
 ref_params vs val_px_error, both minimised; reference point (1.0, 20 px), ref_params = 1.1 x the
@@ -90,7 +94,7 @@ REF_ERROR, REF_PARAMS_FACTOR = 20.0, 1.1  # search.pareto's defaults
 METRIC, MODE = "val_px_error", "min"
 SPACE_NAME = "bench_curves"
 SCIENTIFIC = ("n_unfrozen", "head")
-STRATEGIES = ("echotune", "asha_tpe", "random", "grid")
+STRATEGIES = ("echotune", "echotune_pareto", "asha_tpe", "random", "grid")
 DEFAULT_CURVES = Path(__file__).resolve().parent / "data" / "curves.csv"
 REPORTED = ("epoch", "val_px_error", "val_px_error_ed", "val_px_error_es", "val_pct_error", "val_dice_ed",
             "val_dice_es", "val_ef_mae_label", "val_ef_mae_contour", "train_loss", "trainable_params",
@@ -286,6 +290,20 @@ def cost_to_target(finished: list[dict], curves: Curves, target: float = TARGET)
 # One replayed search
 # ---------------------------------------------------------------------------------------------
 
+CELL_ORDERS = ("rounds", "together")
+CELL_ORDER = ["rounds"]  # --cell-order
+
+
+def ordered_points(cells: list[dict], per_cell: int) -> list[dict]:
+    """The enqueued cells: ``search.run``'s rounds (``cell_points``), or with ``--cell-order together``
+    each cell's trials one after another (the order before rounds, for comparison)."""
+    from search.study import cell_points
+
+    if CELL_ORDER[0] == "together":
+        return [dict(c) for c in cells for _ in range(per_cell)]
+    return cell_points(cells, per_cell)
+
+
 def build(strategy: str, curves: Curves, seed: int, per_cell: int, folder: Path):
     """(search_alg, scheduler, param_space, num_samples) of one strategy."""
     import optuna
@@ -295,22 +313,23 @@ def build(strategy: str, curves: Curves, seed: int, per_cell: int, folder: Path)
 
     from search import journal
     from search.schedulers import StratifiedASHA
-    from search.study import TruthfulOptunaSearch, cell_points, make_sampler, study_url
+    from search.study import TruthfulOptunaSearch, make_sampler, study_url
 
     space = register(curves)
     cells = space.cells("tiny")
     n = len(cells) * per_cell
     E = curves.epochs
     fn = GridSpace(curves.grid)
-    if strategy == "echotune":
+    if strategy in ("echotune", "echotune_pareto"):
         journal.set_folder(folder)  # the study, scheduler.json: this run's own folder
         sampler, _ = make_sampler("tpe", seed, scientific=space.scientific, per_cell=per_cell, num_samples=n)
         searcher = TruthfulOptunaSearch(space=fn, metric=METRIC, mode=MODE, sampler=sampler,
                                         study_name=f"bench-{seed}-{uuid.uuid4().hex[:8]}",
-                                        points_to_evaluate=cell_points(cells, per_cell),
+                                        points_to_evaluate=ordered_points(cells, per_cell),
                                         storage=optuna.storages.RDBStorage(study_url(folder)), max_t=E)
         scheduler = StratifiedASHA(space.scientific, time_attr="epoch", metric=METRIC, mode=MODE, max_t=E,
-                                   grace_period=1, reduction_factor=2)
+                                   grace_period=1, reduction_factor=2,
+                                   cost="trainable_params" if strategy == "echotune_pareto" else None)
         return searcher, scheduler, None, n
     if strategy == "asha_tpe":
         searcher = OptunaSearch(space=fn, metric=METRIC, mode=MODE,
@@ -344,7 +363,7 @@ def run_strategy(strategy: str, curves: Curves, seed: int, per_cell: int, workdi
     try:
         searcher, scheduler, param_space, n = build(strategy, curves, seed, per_cell, folder)
         timeline = make_timeline()
-        callbacks = [timeline] + ([journal.JournalCallback()] if strategy == "echotune" else [])
+        callbacks = [timeline] + ([journal.JournalCallback()] if strategy.startswith("echotune") else [])
         trainable = tune.with_parameters(replay_trial, curves=curves.curves, order=curves.keys)
         # search.run snapshots Tune's state at every step; that costs time, not epochs
         os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "auto"
@@ -491,13 +510,27 @@ def quiet() -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="3 seeds, 2 overhead trials (under 5 minutes)")
-    p.add_argument("--seeds", type=int, default=None, help="seeds (default 7, quick 3)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds (default 21, quick 3): the grid's cost to the target ranges from 12 to 150 epochs "
+                        "between seeds, so a median over a few seeds says little")
     p.add_argument("--per-cell", type=int, default=2, help="trials per cell for the searches (default 2)")
     p.add_argument("--overhead-trials", type=int, default=None,
                    help="no-op trials per kind (default 4, quick 2; 0 skips)")
     p.add_argument("--curves", type=Path, default=DEFAULT_CURVES)
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help=f"comma-separated, among {', '.join(STRATEGIES)} (default all; echotune and grid always run: "
+                        f"the ratio needs them)")
+    p.add_argument("--cell-order", choices=CELL_ORDERS, default="rounds",
+                   help="how the echotune searches enqueue cells: rounds (default, as search.run) or together "
+                        "(each cell's trials one after another)")
     args = p.parse_args(argv)
-    seeds = list(range(args.seeds or (3 if args.quick else 7)))
+    CELL_ORDER[0] = args.cell_order
+    asked = {x.strip() for x in args.strategies.split(",") if x.strip()}
+    if asked - set(STRATEGIES):
+        p.error(f"--strategies: unknown {', '.join(sorted(asked - set(STRATEGIES)))}; choose among "
+                f"{', '.join(STRATEGIES)}")
+    strategies = tuple(s for s in STRATEGIES if s in asked | {"echotune", "grid"})
+    seeds = list(range(args.seeds or (3 if args.quick else 21)))
     n_overhead = args.overhead_trials if args.overhead_trials is not None else (2 if args.quick else 4)
     quiet()
     curves = Curves.load(args.curves)
@@ -514,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         with ray_output_to(Path(tmp) / "ray-output.log"):
             cluster = start_ray(None)
         try:
-            results = replay(curves, seeds, args.per_cell, workdir=Path(tmp))
+            results = replay(curves, seeds, args.per_cell, strategies=strategies, workdir=Path(tmp))
             over = overhead(n_overhead, cluster, Path(tmp)) if n_overhead else {}
         finally:
             with ray_output_to(Path(tmp) / "ray-output.log"):
@@ -529,6 +562,7 @@ def main(argv: list[str] | None = None) -> int:
                   "grid": {k: [str(x) for x in v] for k, v in curves.grid.items()},
                   "grid_total_epochs": len(curves.keys) * curves.epochs},
         "budget_trials": len(curves.cells()) * args.per_cell, "per_cell": args.per_cell,
+        "cell_order": args.cell_order,
         "target": f"{TARGET:.0%} of the grid's hypervolume (trainable/ref_params vs val_px_error, ref (1.0, "
                   f"{REF_ERROR:g} px), ref_params {curves.ref_params:.0f}); only trials that ran all epochs "
                   f"count",

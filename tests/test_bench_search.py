@@ -90,12 +90,14 @@ def test_every_strategy_replays_through_the_real_tuner(ray_instance, tmp_path):
     before = dict(journal._STATE)
     results = b.replay(curves, seeds=[0, 1], per_cell=1, workdir=tmp_path)
     for seed_runs in zip(*results.values()):
-        echotune, asha_tpe, random_search, grid = seed_runs
+        echotune, pareto, asha_tpe, random_search, grid = seed_runs
         for r in seed_runs:
             assert r["errors"] == 0 and r["epochs_to_target"] <= r["total_epochs"]
-        assert echotune["trials"] == asha_tpe["trials"] == random_search["trials"] == 4
-        # the echotune default runs each cell once; a cell's first trial is never stopped by its ASHA
+        assert echotune["trials"] == pareto["trials"] == asha_tpe["trials"] == random_search["trials"] == 4
+        # each cell once; a cell's first trial is never stopped by its own ASHA ...
         assert echotune["completed"] == 4 and echotune["total_epochs"] == 4 * E
+        # ... only by a cheaper cell's trial, from the second rung on (the cheapest cell never)
+        assert 1 <= pareto["completed"] < 4 and all(epochs >= 2 for _, epochs in pareto["runs"])
         assert random_search["completed"] == 4 and random_search["total_epochs"] == 4 * E
         assert 4 <= asha_tpe["total_epochs"] <= 4 * E
         assert grid["trials"] == 8 and grid["total_epochs"] == 8 * E and not grid["missed"]
