@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -33,6 +35,51 @@ def result_of(stdout: str) -> dict:
     import json
 
     return json.loads(next(line for line in reversed(stdout.strip().splitlines()) if line.startswith('{"name"')))
+
+
+def stop_ray_cluster(address: str, timeout: float = 60.0) -> None:
+    """Stop the Ray cluster whose GCS listens at ``address`` (host:port), and only it. ``ray stop
+    --force`` kills every Ray process on the machine: another test's instance, a user's notebook, a
+    benchmark running beside the suite. The cluster's processes name its GCS address (or, the GCS
+    itself, its port) on their command line; their descendants (workers, renamed ``ray::IDLE``)
+    go with them. Ray's "current cluster" file (which a bare ``ray.init()`` would join) is removed
+    only if it names this cluster."""
+    import psutil
+    from ray._common.utils import get_ray_address_file
+
+    port = address.rsplit(":", 1)[1]
+    # the GCS address as given, or with the node's own IP (the autoscaler and log monitors, the client
+    # server: --gcs-address / --address), or the GCS's own port
+    mark = re.compile(rf"(?:{re.escape(address)}|address[= ]\S*:{port}|--gcs_server_port={port})(?!\d)")
+
+    def ours(p) -> bool:
+        try:
+            return bool(mark.search(" ".join(p.cmdline())))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
+    roots = [p for p in psutil.process_iter() if p.pid != os.getpid() and ours(p)]
+    procs = {}
+    for root in roots:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for p in (root, *root.children(recursive=True)):
+                procs[p.pid] = p
+    for p in procs.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
+
+    def gone(p) -> bool:  # an orphan stays a zombie until PID 1 reaps it: it runs no code
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    assert all(gone(p) for p in alive), f"still running after SIGKILL: {alive}"
+    current = Path(get_ray_address_file(None))
+    with contextlib.suppress(OSError):  # it names the head by the node's IP: compare the port
+        if current.read_text().strip().rsplit(":", 1)[-1] == port:
+            current.unlink()
 
 
 def kill_everything(proc: subprocess.Popen) -> None:

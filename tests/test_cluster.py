@@ -8,13 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import free_port, stop_ray_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "cluster").glob("*.yaml"))
@@ -122,7 +123,7 @@ def fake_cluster(tmp_path):
     try:
         yield f"127.0.0.1:{port}"
     finally:
-        ray_cli("stop", "--force", timeout=120)  # also removes the "current cluster" that ray.init() would join
+        stop_ray_cluster(f"127.0.0.1:{port}")  # this cluster only (and the "current cluster" file naming it)
 
 
 JOIN_PROBE = """
@@ -145,9 +146,13 @@ def test_joining_a_cluster_pins_its_own_state_api(tmp_path):
     """A cluster head started with a stale RAY_API_SERVER_ADDRESS in its environment (left by a local
     instance long gone), joined by a driver with another stale one: the driver and its job processes
     reach the cluster's own dashboard (else Train's placement groups leak and a search hangs)."""
-    port, dash = free_port(), free_port()
+    port, dash, bystander = free_port(), free_port(), free_port()
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{free_port()}")
     env.pop("RAY_ADDRESS", None)
+    # Another Ray instance on the machine (a user's, another test's): stopping ours must leave it running.
+    other = ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={bystander}", "--num-cpus=1",
+                    "--include-dashboard=false", env=env, timeout=180)
+    assert other.returncode == 0, other.stdout + other.stderr
     started = ray_cli("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
                       "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", env=env, timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
@@ -159,7 +164,14 @@ def test_joining_a_cluster_pins_its_own_state_api(tmp_path):
         driver, worker, nodes = json.loads(proc.stdout.strip().splitlines()[-1])
         assert driver == worker == f"http://127.0.0.1:{dash}" and nodes == 1
     finally:
-        ray_cli("stop", "--force", timeout=120)
+        stop_ray_cluster(f"127.0.0.1:{port}")
+        current = Path(tempfile.gettempdir(), "ray", "ray_current_cluster")
+        assert not current.exists() or not current.read_text().strip().endswith(f":{port}")  # a bare init() joins nothing
+        try:
+            status = ray_cli("status", f"--address=127.0.0.1:{bystander}", env=env, timeout=60)
+            assert status.returncode == 0 and "1.0 CPU" in status.stdout, status.stdout + status.stderr
+        finally:
+            stop_ray_cluster(f"127.0.0.1:{bystander}")
 
 
 def trial_results(folder: Path) -> dict[str, list[dict]]:
