@@ -38,36 +38,30 @@ def result_of(stdout: str) -> dict:
 
 
 def stop_ray_cluster(address: str, timeout: float = 60.0) -> None:
-    """Stop the Ray cluster whose GCS listens at ``address`` (host:port), and only it. ``ray stop
-    --force`` kills every Ray process on the machine: another test's instance, a user's notebook, a
-    benchmark running beside the suite. The cluster's processes name its GCS address (or, the GCS
-    itself, its port) on their command line; their descendants (workers, renamed ``ray::IDLE``)
-    go with them. Ray's "current cluster" file (which a bare ``ray.init()`` would join) is removed
-    only if it names this cluster."""
+    """Stop the Ray cluster whose GCS listens at ``address`` (host:port) on this machine, and only it.
+    ``ray stop --force`` kills every Ray process on the machine: another test's instance, a user's
+    notebook, a benchmark running beside the suite. The cluster's processes are this user's Ray
+    processes that name its GCS on their command line (``host:port`` with one of this machine's
+    addresses, or the GCS's own ``--gcs_server_port``); their descendants (workers, renamed
+    ``ray::IDLE``) go with them, never this process or its parents. Repeated until none is left
+    (the autoscaler may start a node meanwhile). Ray's "current cluster" file (which a bare
+    ``ray.init()`` would join) is removed only if it names this cluster."""
     import psutil
     from ray._common.utils import get_ray_address_file
 
     port = address.rsplit(":", 1)[1]
-    # the GCS address as given, or with the node's own IP (the autoscaler and log monitors, the client
-    # server: --gcs-address / --address), or the GCS's own port
-    mark = re.compile(rf"(?:{re.escape(address)}|address[= ]\S*:{port}|--gcs_server_port={port})(?!\d)")
+    hosts = {address.rsplit(":", 1)[0], "127.0.0.1", "localhost"} | {
+        a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET}
+    mark = re.compile(rf"(?:(?<![\w.])(?:{'|'.join(map(re.escape, hosts))}):{port}|--gcs_server_port={port})(?!\d)")
+    me = psutil.Process()
+    spared = {me.pid, *(p.pid for p in me.parents())}
 
     def ours(p) -> bool:
         try:
-            return bool(mark.search(" ".join(p.cmdline())))
+            line = " ".join(p.cmdline())
+            return p.uids().real == os.getuid() and "ray" in line and bool(mark.search(line))
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return False
-
-    roots = [p for p in psutil.process_iter() if p.pid != os.getpid() and ours(p)]
-    procs = {}
-    for root in roots:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            for p in (root, *root.children(recursive=True)):
-                procs[p.pid] = p
-    for p in procs.values():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
 
     def gone(p) -> bool:  # an orphan stays a zombie until PID 1 reaps it: it runs no code
         try:
@@ -75,7 +69,19 @@ def stop_ray_cluster(address: str, timeout: float = 60.0) -> None:
         except psutil.NoSuchProcess:
             return True
 
-    assert all(gone(p) for p in alive), f"still running after SIGKILL: {alive}"
+    for _ in range(5):
+        procs = {}
+        for root in (p for p in psutil.process_iter() if p.pid not in spared and ours(p)):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                procs.update({p.pid: p for p in (root, *root.children(recursive=True)) if p.pid not in spared})
+        procs = {pid: p for pid, p in procs.items() if not gone(p)}
+        if not procs:
+            break
+        for p in procs.values():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                p.kill()
+        _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
+        assert all(gone(p) for p in alive), f"still running after SIGKILL: {alive}"
     current = Path(get_ray_address_file(None))
     with contextlib.suppress(OSError):  # it names the head by the node's IP: compare the port
         if current.read_text().strip().rsplit(":", 1)[-1] == port:
