@@ -150,9 +150,11 @@ def pareto_stops(folder: Path) -> dict:
     """Tune trial id -> {epoch, by} for trials the scheduler stopped as dominated (scheduler.json)."""
     path = Path(folder) / journal.SCHEDULER_FILE
     try:
-        return dict(json.loads(path.read_text()).get("dominated", {})) if path.is_file() else {}
+        data = json.loads(path.read_text()).get("dominated", {}) if path.is_file() else {}
     except (OSError, ValueError, AttributeError):
         return {}  # a damaged file costs the explanation, not the export
+    return {tid: d for tid, d in data.items() if isinstance(d, dict) and {"epoch", "by"} <= set(d)} \
+        if isinstance(data, dict) else {}
 
 
 def trial_row(last: dict, by_epoch: dict, states: dict, settings: dict, gpus: int,

@@ -74,9 +74,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler (default tpe)")
     g.add_argument("--scheduler", default="asha", choices=SCHEDULERS,
                    help="early stopping: asha (default): ASHA within each scientific cell; asha-pareto: also, from "
-                        "ASHA's second rung, stop a trial when one with fewer trainable parameters already reported an "
-                        "error at least as low at that rung (faster to a good front; a regime may then have no "
-                        "completed trial); none")
+                        "ASHA's second rung, stop a trial when one of another cell with fewer trainable parameters "
+                        "already reported an error at least as low at that rung (faster to a good front; a regime "
+                        "may then have no completed trial); none")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=None, help="per worker (default 4 on CPU, 16 on GPU)")
     g.add_argument("--cache-views", type=int, default=0,

@@ -8,8 +8,8 @@ the space picks it) gets its own ASHA: a trial only meets trials of its own cell
 compare nuisance settings within one value of the scientific parameters).
 
 With ``cost="trainable_params"`` (``--scheduler asha-pareto``; off by default), from ASHA's
-second rung on a trial is also stopped when a trial with fewer trainable parameters (the front's
-other axis) had already reported an error at least as low at the same rung: dominated at equal
+second rung on a trial is also stopped when a trial of another cell with fewer trainable parameters
+(the front's other axis) had already reported an error at least as low at the same rung: dominated at equal
 epochs, it could reach the front only by overtaking a cheaper model later (the multi-objective
 ASHA idea: promote by Pareto rank, not by one metric). The first rung (``grace_period`` epochs)
 stays within the cell. Like ASHA's own, the rule is asynchronous: a trial meets only the results
@@ -190,19 +190,20 @@ class StratifiedASHA(ResumingFIFO):
         asha = self._asha(trial)
         decision = asha.on_trial_result(tune_controller, trial, result)
         epoch = result.get(self.time_attr, 0)
-        if decision == TrialScheduler.CONTINUE and epoch < self.asha_kwargs["max_t"]:
-            by = self._dominated_by(trial, result, asha)
-            if by is not None:
-                self.dominated[trial.trial_id] = {"epoch": int(epoch), "by": by}
-                decision = TrialScheduler.STOP
+        by = self._dominated_by(trial, result, asha)  # recorded whatever its own cell decided
+        if by is not None and decision == TrialScheduler.CONTINUE and epoch < self.asha_kwargs["max_t"]:
+            self.dominated[trial.trial_id] = {"epoch": int(epoch), "by": by}
+            decision = TrialScheduler.STOP
         if decision == TrialScheduler.STOP and epoch < self.asha_kwargs["max_t"]:
             return self._stop(trial, result)
         self._save()
         return decision
 
     def _dominated_by(self, trial, result: dict, asha: AsyncHyperBandScheduler) -> str | None:
-        """Record this result at its rung; the id of an earlier trial that dominates it there, from
-        the second rung on (fewer ``cost``, a metric at least as good), else None."""
+        """Record this result at its rung; the id of an earlier trial of another cell that dominates
+        it there, from the second rung on (fewer ``cost``, a metric at least as good), else None.
+        Within a cell, ASHA alone judges: a nuisance setting that changes the size (a head's width,
+        a LoRA rank) must not be pushed towards the smallest."""
         if self.cost is None:
             return None
         milestones = sorted(m for m, _ in asha._brackets[0]._rungs)
@@ -212,8 +213,9 @@ class StratifiedASHA(ResumingFIFO):
             return None
         sign = -1.0 if self._mode == "max" else 1.0
         rung = self.at_rung.setdefault(int(epoch), {})
+        cell = self.stratum_of.get(trial.trial_id)
         by = next((tid for tid, (c, v) in rung.items()
-                   if tid != trial.trial_id and c < cost and sign * v <= sign * value), None)
+                   if self.stratum_of.get(tid) != cell and c < cost and sign * v <= sign * value), None)
         rung[trial.trial_id] = [float(cost), float(value)]
         return by if epoch > milestones[0] else None
 

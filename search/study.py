@@ -116,6 +116,12 @@ class CellwiseSampler(BaseSampler):
         # not the base's own seed: TPE's start-up draws with RandomSampler(seed) and would repeat them
         self._random = optuna.samplers.RandomSampler(seed=None if seed is None else seed + 1)
 
+    def __setstate__(self, state: dict) -> None:
+        # Tune unpickles the sampler with the searcher on resume; one pickled by an older EchoTune
+        # has no random stream of its own
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_random", optuna.samplers.RandomSampler())
+
     def cell_of(self, trial) -> tuple | None:
         """The trial's cell, once its last scientific parameter is known (spaces suggest it after any
         conditional scientific ones, e.g. n_unfrozen or lora_last); absent ones count as None."""
@@ -289,6 +295,8 @@ class TruthfulOptunaSearch(OptunaSearch):
             # (and wait for a trial that never comes). The study and Tune's own state hold the truth.
             log.warning("%s is unreadable (%s: %s; a kill while Tune copied it); the searcher's record is "
                         "rebuilt from the study and Tune's experiment state", checkpoint_path, type(exc).__name__, exc)
+            # (search.tuner.check_tune_state refused a cut experiment state before Tune got here, so
+            # the trials Tune recorded are known; else every tagged trial counts as recorded.)
             state = self._state_from_study(tune_trial_ids(Path(checkpoint_path).parent))
         self.__dict__.update(state)
         self.attach(journal.folder())

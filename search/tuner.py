@@ -196,9 +196,34 @@ def restore_tuner(settings: dict, cluster: dict, s3_endpoint: str | None):
     from ray import tune
 
     path, fs = tune_path(settings, s3_endpoint)
+    check_tune_state(settings, s3_endpoint)
     remove_orphans(settings, s3_endpoint)
     return tune.Tuner.restore(path, trainable(settings, cluster), resume_unfinished=True, resume_errored=True,
                               storage_filesystem=fs)
+
+
+def check_tune_state(settings: dict, s3_endpoint: str | None) -> None:
+    """Refuse to resume from a cut or damaged Tune state file, naming it. Tune copies its state to the
+    experiment storage without an atomic rename, so a kill during the copy can cut a file; Tune then
+    logs "Failed to restore the run state", restarts the experiment from nothing and waits forever
+    for a trial. (A cut searcher-state pickle is rebuilt from the study instead: study.py.)"""
+    from ray import cloudpickle
+
+    fs, base = store.open_fs(experiment_uri(settings["storage"], settings["name"]), s3_endpoint)
+    for pattern, load in (("experiment_state-*.json", json.loads), ("search_gen_state-*.json", cloudpickle.loads)):
+        files = sorted(fs.glob(f"{base}/{pattern}"))
+        if not files:
+            continue
+        newest = max(files)  # Tune's own rule
+        try:
+            load(fs.cat_file(newest))
+        except Exception as exc:  # noqa: BLE001 - whatever a cut file raises
+            name = newest.rsplit("/", 1)[-1]
+            raise ValueError(
+                f"experiment {settings['name']!r}: Tune's state file {name} is cut or damaged ({type(exc).__name__}; "
+                f"a kill while Tune copied it to the storage), so Tune cannot resume it. Its finished trials stay "
+                f"in the experiment folder and optuna.db (python -m search.pareto reads them); run the rest of the "
+                f"search under a new --name") from None
 
 
 def known_trials(settings: dict, s3_endpoint: str | None) -> set[str] | None:

@@ -229,8 +229,11 @@ def test_a_searcher_state_cut_by_a_kill_is_rebuilt_from_the_study_and_tunes_own_
     tune = tmp_path / "driver_artifacts"
     tune.mkdir()
     (tune / "searcher-state-x.pkl").write_bytes(b"")
-    (tune / "experiment_state-x.json").write_text(json.dumps(
-        {"trial_data": [[json.dumps({"trial_id": tid})] for tid in ("done", "running", "errored")]}))
+    from ray.tune.experiment import Trial
+
+    (tune / "experiment_state-x.json").write_text(json.dumps(  # as Tune writes it: (json state, metadata)
+        {"trial_data": [Trial("t", trial_id=tid, stub=True).get_json_state()
+                        for tid in ("done", "running", "errored")]}))
     again = searcher(folder, enqueue=False)  # as Tune builds it on resume: the study already exists
     again.restore(str(tune / "searcher-state-x.pkl"))
     assert set(again._ot_trials) == {"done", "running", "errored"}
@@ -365,6 +368,27 @@ def test_a_cheaper_trial_is_never_stopped_by_a_costlier_one_and_ties_in_cost_do_
     assert sched.on_trial_result(None, t["frozen_b"], {"epoch": 2, "err": 7.0, "trainable_params": 100}) == \
         TrialScheduler.CONTINUE  # same cost as "frozen" and better
     assert sched.dominated == {}
+
+
+def test_pareto_stops_judge_across_cells_only_and_count_every_result_at_a_rung(folder):
+    """Head width changes the size within a cell: there ASHA alone judges. A result ASHA stopped in
+    its own cell is still a real error at that epoch, and may dominate another cell's trial."""
+    sched = pareto_asha()
+    cells = {"small": 2, "bad": 2, "wide": 2, "k1_wide": 1, "k1_narrow": 1, "full": "all"}
+    t = {name: trial(name, n_unfrozen=k, head="mlp") for name, k in cells.items()}
+    for x in t.values():
+        sched.on_trial_add(None, x)
+    decide = lambda name, epoch, err, params: sched.on_trial_result(  # noqa: E731
+        None, t[name], {"epoch": epoch, "err": err, "trainable_params": params})
+    cost = {"small": 400, "bad": 450, "wide": 500, "k1_wide": 1000, "k1_narrow": 200, "full": 900}
+    for name in t:
+        decide(name, 1, 5.0, cost[name])
+    for name, err in (("small", 4.0), ("bad", 6.0)):
+        decide(name, 2, err, cost[name])
+    assert decide("wide", 2, 4.5, 500) == TrialScheduler.CONTINUE  # "small" is narrower and better: same cell
+    assert decide("k1_wide", 2, 3.0, 1000) == TrialScheduler.CONTINUE
+    assert decide("k1_narrow", 2, 3.2, 200) == TrialScheduler.STOP and "k1_narrow" not in sched.dominated  # ASHA
+    assert decide("full", 2, 3.25, 900) == TrialScheduler.STOP and sched.dominated["full"]["by"] == "k1_narrow"
 
 
 def test_a_trial_that_diverged_or_errored_dominates_no_later_arrival(folder):
@@ -606,5 +630,42 @@ def test_the_export_says_which_cheaper_trial_dominated_a_stopped_one(tmp_path):
     assert rows["dear"]["reason"].startswith("dominated at epoch 2 by trial cheap")
     assert rows["asha"]["reason"] == "" and rows["cheap"]["reason"] == ""  # stopped in its cell; completed
     assert "dominated at epoch 2 by trial cheap" in (folder / "pareto.csv").read_text()
-    (folder / journal.SCHEDULER_FILE).write_text('{"dominated": ')  # damaged: no explanation, still an export
-    assert {t["trial_id"]: t["reason"] for t in export(folder)["trials"]}["dear"] == ""
+    for damaged in ('{"dominated": ', '{"dominated": ["dear"]}', '{"dominated": {"dear": {"epoch": 2}}}', '[1]'):
+        (folder / journal.SCHEDULER_FILE).write_text(damaged)  # no explanation, still an export
+        assert {t["trial_id"]: t["reason"] for t in export(folder)["trials"]}["dear"] == ""
+
+
+def test_a_sampler_pickled_before_it_had_its_own_random_stream_still_samples():
+    import pickle
+
+    sampler, _ = make_sampler("tpe", 0, scientific=("head",), per_cell=2, num_samples=4)
+    del sampler.__dict__["_random"]  # as an older EchoTune pickled it into tuner.pkl
+    st = optuna.create_study(sampler=pickle.loads(pickle.dumps(sampler)))
+    for i, head in enumerate(("mlp", "mlp", "mlp")):
+        _ask(st, head, value=float(i))
+    st.sampler.reseed_rng()
+    assert len(st.trials) == 3 and all(t.state.name == "COMPLETE" for t in st.trials)
+
+
+@pytest.mark.parametrize("cut", ["experiment_state", "search_gen_state", None])
+def test_a_resume_from_a_cut_tune_state_file_is_refused_naming_it(tmp_path, cut):
+    """Tune would log 'Failed to restore the run state', restart from nothing and wait forever."""
+    from ray import cloudpickle
+    from ray.tune.experiment import Trial
+
+    from search.tuner import check_tune_state
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    files = {"experiment_state": json.dumps({"trial_data": [Trial("t", trial_id="a", stub=True).get_json_state()],
+                                             "runner_data": {}}).encode(),
+             "search_gen_state": cloudpickle.dumps({"counter": 1})}
+    for name, data in files.items():
+        (exp / f"{name}-2026-12-06_00-00-00.json").write_bytes(data[: len(data) // 2] if name == cut else data)
+    settings = {"storage": str(tmp_path), "name": "exp"}
+    if cut is None:
+        check_tune_state(settings, None)
+        return
+    with pytest.raises(ValueError) as err:
+        check_tune_state(settings, None)
+    assert f"{cut}-2026-12-06_00-00-00.json is cut or damaged" in str(err.value) and "new --name" in str(err.value)
