@@ -183,8 +183,8 @@ class CellwiseSampler(BaseSampler):
             return
         text = json.dumps(params)
         for i in range(0, len(text), _SYSTEM_ATTR_MAX_LENGTH):
-            study._storage.set_trial_system_attr(trial._trial_id, f"{_RELATIVE_PARAMS_KEY}:{i // _SYSTEM_ATTR_MAX_LENGTH}",
-                                                 text[i:i + _SYSTEM_ATTR_MAX_LENGTH])
+            key = f"{_RELATIVE_PARAMS_KEY}:{i // _SYSTEM_ATTR_MAX_LENGTH}"
+            study._storage.set_trial_system_attr(trial._trial_id, key, text[i:i + _SYSTEM_ATTR_MAX_LENGTH])
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         view = self._visible(study) if param_name in self.scientific else self._view(study, trial)
