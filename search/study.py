@@ -233,15 +233,14 @@ def make_sampler(name: str, seed: int, *, scientific: tuple[str, ...], per_cell:
     return optuna.samplers.RandomSampler(seed=seed), notes
 
 
-def tune_trial_ids(folder: Path) -> set[str] | None:
-    """The trial ids in Tune's newest experiment state file in ``folder``; None if there is none or
-    it cannot be read."""
-    files = sorted(Path(folder).glob("experiment_state-*.json"))
-    if not files:
-        return None
+def _recorded_trials(folder: Path) -> set[str] | None:
+    """The trial ids in Tune's newest experiment state file in local ``folder``; None if there is
+    none or it cannot be read."""
+    from search.tuner import trial_ids_in
+    from trainables.data.storage import open_fs
+
     try:
-        data = json.loads(files[-1].read_text())
-        return {json.loads(entry[0])["trial_id"] for entry in data["trial_data"]}
+        return trial_ids_in(*open_fs(str(folder)))
     except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
 
@@ -297,7 +296,7 @@ class TruthfulOptunaSearch(OptunaSearch):
                         "rebuilt from the study and Tune's experiment state", checkpoint_path, type(exc).__name__, exc)
             # (search.tuner.check_tune_state refused a cut experiment state before Tune got here, so
             # the trials Tune recorded are known; else every tagged trial counts as recorded.)
-            state = self._state_from_study(tune_trial_ids(Path(checkpoint_path).parent))
+            state = self._state_from_study(_recorded_trials(Path(checkpoint_path).parent))
         self.__dict__.update(state)
         self.attach(journal.folder())
 

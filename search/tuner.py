@@ -211,10 +211,9 @@ def check_tune_state(settings: dict, s3_endpoint: str | None) -> None:
 
     fs, base = store.open_fs(experiment_uri(settings["storage"], settings["name"]), s3_endpoint)
     for pattern, load in (("experiment_state-*.json", json.loads), ("search_gen_state-*.json", cloudpickle.loads)):
-        files = sorted(fs.glob(f"{base}/{pattern}"))
-        if not files:
+        newest = newest_state_file(fs, base, pattern)
+        if newest is None:
             continue
-        newest = max(files)  # Tune's own rule
         try:
             load(fs.cat_file(newest))
         except Exception as exc:  # noqa: BLE001 - whatever a cut file raises
@@ -226,13 +225,24 @@ def check_tune_state(settings: dict, s3_endpoint: str | None) -> None:
                 f"search under a new --name") from None
 
 
+def newest_state_file(fs, base: str, pattern: str) -> str | None:
+    """The newest of Tune's state files ``pattern`` in folder ``base`` of ``fs`` (None when there is
+    none): the name holds the session's start time, Tune's own rule (experiment_state.py)."""
+    files = fs.glob(f"{base}/{pattern}")
+    return max(files) if files else None
+
+
 def known_trials(settings: dict, s3_endpoint: str | None) -> set[str] | None:
     """Trial ids in Tune's newest experiment state snapshot (None when there is none)."""
-    fs, base = store.open_fs(experiment_uri(settings["storage"], settings["name"]), s3_endpoint)
-    states = sorted(fs.glob(f"{base}/experiment_state-*.json"))
-    if not states:
+    return trial_ids_in(*store.open_fs(experiment_uri(settings["storage"], settings["name"]), s3_endpoint))
+
+
+def trial_ids_in(fs, base: str) -> set[str] | None:
+    """Trial ids in the newest ``experiment_state-*.json`` in folder ``base`` of ``fs`` (None when
+    there is none); a damaged file raises ValueError, KeyError or TypeError."""
+    newest = newest_state_file(fs, base, "experiment_state-*.json")
+    if newest is None:
         return None
-    newest = max(states)  # the name holds the session's start time: Tune's own rule (experiment_state.py)
     data = json.loads(fs.cat_file(newest))
     ids = set()
     for trial_json, _meta in data.get("trial_data", []):

@@ -37,6 +37,16 @@ def result_of(stdout: str) -> dict:
     return json.loads(next(line for line in reversed(stdout.strip().splitlines()) if line.startswith('{"name"')))
 
 
+def _gone(p) -> bool:
+    """A process that runs no code: exited, or a zombie (an orphan stays one until PID 1 reaps it)."""
+    import psutil
+
+    try:
+        return p.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def stop_ray_cluster(address: str, timeout: float = 60.0) -> None:
     """Stop the Ray cluster whose GCS listens at ``address`` (host:port) on this machine, and only it.
     ``ray stop --force`` kills every Ray process on the machine: another test's instance, a user's
@@ -63,25 +73,19 @@ def stop_ray_cluster(address: str, timeout: float = 60.0) -> None:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             return False
 
-    def gone(p) -> bool:  # an orphan stays a zombie until PID 1 reaps it: it runs no code
-        try:
-            return p.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
     for _ in range(5):
         procs = {}
         for root in (p for p in psutil.process_iter() if p.pid not in spared and ours(p)):
             with contextlib.suppress(psutil.NoSuchProcess):
                 procs.update({p.pid: p for p in (root, *root.children(recursive=True)) if p.pid not in spared})
-        procs = {pid: p for pid, p in procs.items() if not gone(p)}
+        procs = {pid: p for pid, p in procs.items() if not _gone(p)}
         if not procs:
             break
         for p in procs.values():
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 p.kill()
         _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
-        assert all(gone(p) for p in alive), f"still running after SIGKILL: {alive}"
+        assert all(_gone(p) for p in alive), f"still running after SIGKILL: {alive}"
     current = Path(get_ray_address_file(None))
     with contextlib.suppress(OSError):  # it names the head by the node's IP: compare the port
         if current.read_text().strip().rsplit(":", 1)[-1] == port:
@@ -125,14 +129,8 @@ def kill_everything(proc: subprocess.Popen) -> None:
             p.kill()
     proc.wait()
 
-    def dead(p) -> bool:  # an orphan stays a zombie until PID 1 reaps it: it runs no code
-        try:
-            return p.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
     deadline = time.time() + 30
-    while (alive := [p for p in seen.values() if not dead(p)]) and time.time() < deadline:
+    while (alive := [p for p in seen.values() if not _gone(p)]) and time.time() < deadline:
         time.sleep(0.1)
     assert not alive, f"processes survived kill -9: {alive}"
 
