@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.result import TIMESTEPS_TOTAL
 
 HISTORY_FILE = "history.json"
 
@@ -39,6 +40,13 @@ class ExactlyOnceReport(TuneReportCallback):
         if epoch > self.known + 1 and checkpoint is not None:
             for past in checkpoint_history(checkpoint):
                 if self.known < int(past.get("epoch", 0)) < epoch:
-                    super().after_report(run_context, [past | {"replayed": 1}], None)
-        super().after_report(run_context, metrics, checkpoint)
+                    super().after_report(run_context, [at_step(past | {"replayed": 1})], None)
+        super().after_report(run_context, [at_step(metrics[0]), *metrics[1:]], checkpoint)
         self.known = epoch
+
+
+def at_step(metrics: dict) -> dict:
+    """The epoch as Tune's step (``timesteps_total``, which Tune's TensorBoard logger prefers to
+    ``training_iteration``): a trial restarted after a pause or a kill counts its iterations from 1
+    again, and its TensorBoard curves would go back to step 1."""
+    return metrics | {TIMESTEPS_TOTAL: int(metrics.get("epoch", 0))}
