@@ -13,10 +13,14 @@ epoch by epoch (no Ray Train, no sleeping), one trial at a time:
   scientific cell (n_unfrozen x head) enqueued ``--per-cell`` times (``cell_points``: in rounds of
   every cell once), nuisance parameters (lr_head, aug_strength) from ``make_sampler("tpe")`` (TPE
   wrapped in ``CellwiseSampler``: fitted to the whole study until a cell has trials of its own, no
-  repeats within a cell), and ``StratifiedASHA`` by cell (time_attr epoch, grace 1, reduction
-  factor 2, max_t = E; ``--scheduler asha``);
-* ``echotune_pareto``: the same with ``--scheduler asha-pareto`` (Pareto stops across cells from
-  ASHA's second rung, ``search/schedulers.py``);
+  repeats within a cell), under its ``KeepTellingLimiter`` (one trial at a time), and
+  ``StratifiedASHA`` by cell (time_attr epoch, grace 1, reduction factor 2, max_t = E) that from
+  ASHA's second rung pauses a trial dominated by a cheaper trial of another cell and resumes it
+  after every other trial (``--scheduler asha``, ``search/schedulers.py``);
+* ``echotune_cells``: the same with ``--scheduler asha-cells`` (ASHA within each cell only: the
+  default before deferral);
+* ``echotune_pareto``: the same with ``--scheduler asha-pareto`` (such a trial is stopped, not
+  paused);
 * ``asha_tpe``: Ray's ``OptunaSearch`` with Optuna's default ``TPESampler(seed)`` (no cells) and
   Ray's ``ASHAScheduler`` over all trials (same grace, reduction factor and max_t);
 * ``random``: ``OptunaSearch`` with ``RandomSampler(seed)``, no early stopping;
@@ -24,8 +28,8 @@ epoch by epoch (no Ray Train, no sleeping), one trial at a time:
   shuffled by the seed.
 
 The searches get the same number of trials: cells x ``--per-cell`` (EchoTune's own default budget).
-For each strategy the cost is the summed epochs run (over trials, in the order Tune completed
-them) until the hypervolume of the front of trials that ran all E epochs (trainable params /
+For each strategy the cost is the summed epochs run (by all trials, counted as Tune receives them,
+so a paused trial's first epochs count when they ran) until the hypervolume of the front of trials that ran all E epochs (trainable params /
 ref_params vs val_px_error, both minimised; reference point (1.0, 20 px), ref_params = 1.1 x the
 largest model, as ``search.pareto``) first reaches 95 % of the hypervolume of the whole grid. A
 strategy that never gets there is charged all the epochs it ran and counted as a miss (so a
@@ -94,7 +98,8 @@ REF_ERROR, REF_PARAMS_FACTOR = 20.0, 1.1  # search.pareto's defaults
 METRIC, MODE = "val_px_error", "min"
 SPACE_NAME = "bench_curves"
 SCIENTIFIC = ("n_unfrozen", "head")
-STRATEGIES = ("echotune", "echotune_pareto", "asha_tpe", "random", "grid")
+STRATEGIES = ("echotune", "echotune_cells", "echotune_pareto", "asha_tpe", "random", "grid")
+SCHEDULER_FLAG = {"echotune": "asha", "echotune_cells": "asha-cells", "echotune_pareto": "asha-pareto"}
 DEFAULT_CURVES = Path(__file__).resolve().parent / "data" / "curves.csv"
 REPORTED = ("epoch", "val_px_error", "val_px_error_ed", "val_px_error_es", "val_pct_error", "val_dice_ed",
             "val_dice_es", "val_ef_mae_label", "val_ef_mae_contour", "train_loss", "trainable_params",
@@ -230,18 +235,21 @@ def replay_trial(config: dict, curves: dict | None = None, order: list | None = 
         key = order[config["config_index"]]
     else:
         key = config_id({name: config[name] for name in GRID})
-    for metrics in curves[key]:
+    for metrics in curves[key][int(config.get("tune_epoch", 0)):]:  # a resumed trial: what Tune lacks
         tune.report(dict(metrics))
 
 
 def make_timeline():
     """A Tune callback that notes, per trial, the epochs Tune received and, in completion order,
-    each finished trial's last result (and how long each trial took from start to end)."""
+    each finished trial's last result, with the epochs every trial had run by then (``clock``: a
+    trial paused and resumed later ran its first epochs before the trials that ended meanwhile),
+    and how long each trial took from start to end."""
     from ray.tune import Callback
 
     class _Timeline(Callback):
         def __init__(self):
             self.epochs: dict[str, int] = {}
+            self.clock = 0
             self.finished: list[dict] = []
             self.starts: dict[str, float] = {}
             self.spans: list[float] = []
@@ -250,12 +258,14 @@ def make_timeline():
             self.starts[trial.trial_id] = time.perf_counter()
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.epochs[trial.trial_id] = max(self.epochs.get(trial.trial_id, 0), int(result.get("epoch", 0)))
+            held = self.epochs.get(trial.trial_id, 0)
+            self.epochs[trial.trial_id] = max(held, int(result.get("epoch", 0)))
+            self.clock += self.epochs[trial.trial_id] - held
 
         def _end(self, trial, error: bool) -> None:
             last = dict(trial.last_result or {})
             epochs = max(self.epochs.get(trial.trial_id, 0), int(last.get("epoch", 0) or 0))
-            self.finished.append({"trial_id": trial.trial_id, "epochs": epochs, "error": error,
+            self.finished.append({"trial_id": trial.trial_id, "epochs": epochs, "error": error, "clock": self.clock,
                                   "config": {k: v for k, v in trial.config.items()
                                              if k in (*GRID, "config_index")},
                                   "final": {k: last.get(k) for k in REPORTED}})
@@ -272,10 +282,12 @@ def make_timeline():
 
 
 def cost_to_target(finished: list[dict], curves: Curves, target: float = TARGET) -> dict:
-    """Summed epochs until the front of full-length trials reaches ``target`` x the grid's hypervolume."""
+    """Summed epochs until the front of full-length trials reaches ``target`` x the grid's hypervolume
+    (``finished`` in completion order; each one's ``clock``, where given, is the epochs all trials had
+    run when it ended, else the sum of ``epochs`` so far)."""
     spent, done, reached = 0, [], None
     for t in finished:
-        spent += t["epochs"]
+        spent = t["clock"] if "clock" in t else spent + t["epochs"]
         if not t["error"] and t["epochs"] >= curves.epochs:
             done.append(t["final"])
             if reached is None and curves.hypervolume(done) >= target * curves.best_hv - 1e-12:
@@ -312,25 +324,24 @@ def build(strategy: str, curves: Curves, seed: int, per_cell: int, folder: Path)
     from ray.tune.search.optuna import OptunaSearch
 
     from search import journal
-    from search.schedulers import StratifiedASHA
     from search.study import TruthfulOptunaSearch, make_sampler, study_url
+    from search.tuner import KeepTellingLimiter, make_scheduler
 
     space = register(curves)
     cells = space.cells("tiny")
     n = len(cells) * per_cell
     E = curves.epochs
     fn = GridSpace(curves.grid)
-    if strategy in ("echotune", "echotune_pareto"):
+    if strategy.startswith("echotune"):
         journal.set_folder(folder)  # the study, scheduler.json: this run's own folder
         sampler, _ = make_sampler("tpe", seed, scientific=space.scientific, per_cell=per_cell, num_samples=n)
         searcher = TruthfulOptunaSearch(space=fn, metric=METRIC, mode=MODE, sampler=sampler,
                                         study_name=f"bench-{seed}-{uuid.uuid4().hex[:8]}",
                                         points_to_evaluate=ordered_points(cells, per_cell),
                                         storage=optuna.storages.RDBStorage(study_url(folder)), max_t=E)
-        scheduler = StratifiedASHA(space.scientific, time_attr="epoch", metric=METRIC, mode=MODE, max_t=E,
-                                   grace_period=1, reduction_factor=2,
-                                   cost="trainable_params" if strategy == "echotune_pareto" else None)
-        return searcher, scheduler, None, n
+        scheduler = make_scheduler({"scheduler": SCHEDULER_FLAG[strategy], "space": SPACE_NAME, "max_epochs": E,
+                                    "grace_period": 1, "reduction_factor": 2})  # as search.run builds it
+        return KeepTellingLimiter(searcher, max_concurrent=1), scheduler, None, n
     if strategy == "asha_tpe":
         searcher = OptunaSearch(space=fn, metric=METRIC, mode=MODE,
                                 sampler=optuna.samplers.TPESampler(seed=seed))
@@ -370,7 +381,9 @@ def run_strategy(strategy: str, curves: Curves, seed: int, per_cell: int, workdi
         tuner = tune.Tuner(
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n,
-                                        max_concurrent_trials=1, reuse_actors=True,
+                                        # EchoTune's searcher comes in its own limiter (as search.run's)
+                                        max_concurrent_trials=None if strategy.startswith("echotune") else 1,
+                                        reuse_actors=True,
                                         trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
             run_config=tune.RunConfig(name=f"{strategy}-{seed}", storage_path=str(workdir / "ray"), verbose=0,
                                       callbacks=callbacks))
@@ -387,6 +400,10 @@ def run_strategy(strategy: str, curves: Curves, seed: int, per_cell: int, workdi
     out["stopped_early"] = sum(t["epochs"] < curves.epochs for t in timeline.finished)
     out["repeats"] = len(out["runs"]) - len({key for key, _ in out["runs"]})  # a configuration tried again
     out["errors"] = sum(t["error"] for t in timeline.finished)
+    state = folder / "scheduler.json"  # EchoTune's scheduler: paused as dominated, resumed last
+    deferred = set(json.loads(state.read_text()).get("deferred", {})) if state.is_file() else set()
+    out["deferred"] = len(deferred)
+    out["ended_deferred"] = [t["trial_id"] in deferred for t in timeline.finished]  # in completion order
     return out
 
 

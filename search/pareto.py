@@ -6,8 +6,8 @@ Writes into the experiment's local folder:
 
 * ``pareto.csv`` — every trial: its study state (COMPLETE / PRUNED / FAIL, from the Optuna study
   the search told the truth to), ``on_front``, ``infeasible`` (a non-finite metric or an error, with
-  the reason; a trial that ``--scheduler asha-pareto`` stopped as dominated says by which trial, at
-  which epoch), config, last metrics, encoder-trainable and head parameters, GPU-hours, checkpoint;
+  the reason; a trial that ``--scheduler asha-pareto`` stopped as dominated, or that ``asha`` paused
+  as dominated and resumed after the others, says by which trial, at which epoch), config, last metrics, encoder-trainable and head parameters, GPU-hours, checkpoint;
 * ``pareto.json`` — the front and its hypervolume, both over the same axes: x = trainable
   parameters (encoder + head), y = ``val_px_error`` (px at 112), both minimised;
 * ``pareto.png`` — every trial coloured by k and marked by head, stopped trials hollow, failed ones
@@ -135,6 +135,7 @@ def load_trials(folder: Path, s3_endpoint: str | None = None) -> list[dict]:
     states = study_states(folder, settings)
     gpus = settings.get("workers_per_trial", 1) * settings.get("gpus_per_worker", 0)
     dominated = pareto_stops(folder)
+    deferred = pareto_stops(folder, "deferred")
     rows = []
     for path, fs in _result_files(settings, s3_endpoint):
         lines = [json.loads(line) for line in fs.cat_file(path).decode().splitlines() if line.strip()]
@@ -142,15 +143,16 @@ def load_trials(folder: Path, s3_endpoint: str | None = None) -> list[dict]:
         if not by_epoch:
             continue
         last = by_epoch[max(by_epoch)]
-        rows.append(trial_row(last, by_epoch, states, settings, gpus, dominated))
+        rows.append(trial_row(last, by_epoch, states, settings, gpus, dominated, deferred))
     return rows
 
 
-def pareto_stops(folder: Path) -> dict:
-    """Tune trial id -> {epoch, by} for trials the scheduler stopped as dominated (scheduler.json)."""
+def pareto_stops(folder: Path, key: str = "dominated") -> dict:
+    """Tune trial id -> {epoch, by} for trials the scheduler stopped as dominated (scheduler.json), or
+    with ``key="deferred"`` paused as dominated to finish last."""
     path = Path(folder) / journal.SCHEDULER_FILE
     try:
-        data = json.loads(path.read_text()).get("dominated", {}) if path.is_file() else {}
+        data = json.loads(path.read_text()).get(key, {}) if path.is_file() else {}
     except (OSError, ValueError, AttributeError):
         return {}  # a damaged file costs the explanation, not the export
     return {tid: d for tid, d in data.items() if isinstance(d, dict) and {"epoch", "by"} <= set(d)} \
@@ -158,7 +160,7 @@ def pareto_stops(folder: Path) -> dict:
 
 
 def trial_row(last: dict, by_epoch: dict, states: dict, settings: dict, gpus: int,
-              dominated: dict | None = None) -> dict:
+              dominated: dict | None = None, deferred: dict | None = None) -> dict:
     config = last.get("config", {})
     params, base = params_of(config), config.get("base", {})
     verdict = states.get(last.get("trial_id"), {})
@@ -173,6 +175,10 @@ def trial_row(last: dict, by_epoch: dict, states: dict, settings: dict, gpus: in
     if not bad and state == "PRUNED" and stop:
         reason = (f"dominated at epoch {stop['epoch']} by trial {stop['by']} (fewer trainable parameters, an error "
                   f"as low at that epoch)")
+    pause = (deferred or {}).get(last.get("trial_id"))
+    if pause and not reason:
+        reason = (f"paused at epoch {pause['epoch']} as dominated by trial {pause['by']} (fewer trainable "
+                  f"parameters, an error as low at that epoch); resumed after the other trials")
     time_total = sum(r.get("time_this_iter_s", 0) for r in by_epoch.values() if not r.get("replayed"))
     trainable = last.get("trainable_params", 0)
     head_params = last.get("head_params")
@@ -182,7 +188,7 @@ def trial_row(last: dict, by_epoch: dict, states: dict, settings: dict, gpus: in
     return {
         "trial_id": last.get("trial_id"), "study_trial": verdict.get("study_trial"), "state": state,
         "completed": state == "COMPLETE" and not bad, "infeasible": bad,
-        "reason": reason if bad or (state == "PRUNED" and stop) else "", "epochs": max(by_epoch),
+        "reason": reason if bad or (state == "PRUNED" and stop) or pause else "", "epochs": max(by_epoch),
         "val_px_error": last.get("val_px_error", math.nan), "trainable_params": trainable,
         "encoder_trainable_params": last.get("encoder_trainable_params",
                                              trainable - head_params if head_params is not None else None),
@@ -327,8 +333,9 @@ def regimes_markdown(cells: list[dict], settings: dict) -> str:
             "encoder trainable", "head params", "trials (stopped, failed)", "GPU-h"] + (["test px"] if test else [])
     lines = [f"# Regimes of {settings['name']}", "",
              f"Best completed trial per scientific cell ({settings['max_epochs']} epochs); validation split. "
-             f"'—': no trial of the cell ran all epochs (stopped early by ASHA within its cell, or as dominated "
-             f"by a cheaper trial at the same epoch: pareto.csv's reason column says which).", "",
+             f"'—': no trial of the cell ran all epochs (stopped early by ASHA within its cell, or with "
+             f"--scheduler asha-pareto as dominated by a cheaper trial at the same epoch: pareto.csv's reason "
+             f"column says which).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in cells:
         regime = (f"LoRA last {c['lora_last']}" + (f" (r={c['lora_rank']})" if c.get("lora_rank") not in (None, "None")

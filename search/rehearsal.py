@@ -36,6 +36,14 @@ def fake_error(params: dict, epoch: int) -> float:
     return 4 + 6 * _hash(params) + 8 / epoch
 
 
+def fake_trainable_params(params: dict) -> int:
+    """Grows with the unfrozen blocks (or LoRA depth) and the head, as real trainable parameters
+    do, so that Pareto rules rehearse on the order they will meet (full fine-tuning costs most)."""
+    depth = {"all": 12, None: 0}.get(params.get("n_unfrozen"), params.get("n_unfrozen"))
+    depth = int(depth or 0) + int(params.get("lora_last") or 0) // 2
+    return 1000 * (1 + depth) + (500 if params.get("head") == "gcn" else 0)
+
+
 def rehearsal_worker(config: dict) -> None:
     """Sleeps per "epoch", reports made-up metrics, and checkpoints like the real loop (a tiny
     ``history.json``), so a killed and resumed rehearsal exercises the same resume path."""
@@ -65,7 +73,7 @@ def rehearsal_worker(config: dict) -> None:
         time.sleep(EPOCH_S)
         error = fake_error(config["params"], epoch)
         metrics = {"epoch": epoch, "val_px_error": error, "train_loss": 1.0 / epoch if error == error else error,
-                   "trainable_params": 1000 * (1 + zlib.crc32(str(config["params"].get("n_unfrozen")).encode()) % 7),
+                   "trainable_params": fake_trainable_params(config["params"]),
                    "total_params": 10000, "rehearsal": 1,
                    "worker_node": ray.get_runtime_context().get_node_id(),
                    "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),

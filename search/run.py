@@ -33,7 +33,7 @@ from trainables.data import storage as store
 
 SAMPLERS = ("tpe", "nsga2", "random", "qmc")
 TRAINABLES = ("train", "rehearsal")
-SCHEDULERS = ("asha", "asha-pareto", "none")
+SCHEDULERS = ("asha", "asha-cells", "asha-pareto", "none")
 DEMO_VIDEOS = 120
 RESUMED_KEYS = ("space", "trainable", "encoder", "data", "weights", "max_epochs", "num_samples", "seed",
                 "batch_size", "grace_period", "workers_per_trial", "gpus_per_worker", "per_cell")
@@ -73,10 +73,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor, >= 2 (default 2)")
     g.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler (default tpe)")
     g.add_argument("--scheduler", default="asha", choices=SCHEDULERS,
-                   help="early stopping: asha (default): ASHA within each scientific cell; asha-pareto: also, from "
-                        "ASHA's second rung, stop a trial when one of another cell with fewer trainable parameters "
-                        "already reported an error at least as low at that rung (faster to a good front; a regime "
-                        "may then have no completed trial); none")
+                   help="early stopping: asha (default): ASHA within each scientific cell, and from ASHA's second "
+                        "rung a trial is paused when one of another cell with fewer trainable parameters already "
+                        "reported an error at least as low at that rung, to finish after every other trial (a good "
+                        "front sooner, no regime lost); asha-cells: ASHA within each cell only; asha-pareto: stop "
+                        "such a trial instead of pausing it (cheapest; a regime may then have no completed trial); "
+                        "none")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=None, help="per worker (default 4 on CPU, 16 on GPU)")
     g.add_argument("--cache-views", type=int, default=0,
@@ -506,7 +508,7 @@ def announce(settings: dict, notes: list[str], folder: Path, resumed: bool) -> N
 
 
 def print_summary(grid, settings: dict, folder: Path) -> int:
-    from search.pareto import export, summary_table
+    from search.pareto import export, pareto_stops, summary_table
 
     try:
         summary = export(folder)  # pareto.csv / .json / .png and regimes.csv / .md beside the study
@@ -515,7 +517,9 @@ def print_summary(grid, settings: dict, folder: Path) -> int:
         return 1
     trials = summary["trials"]
     states = {s: sum(t["state"] == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
-    print(f"\nfinished: {len(trials)} trials: {states['COMPLETE']} ran all {settings['max_epochs']} epochs, "
+    paused = len(pareto_stops(folder, "deferred"))
+    print(f"\nfinished: {len(trials)} trials: {states['COMPLETE']} ran all {settings['max_epochs']} epochs"
+          f"{f' ({paused} paused as dominated, resumed last)' if paused else ''}, "
           f"{states['PRUNED']} stopped early, {states['FAIL']} failed; Pareto front of {len(summary['front'])} "
           f"(hypervolume {summary['hypervolume']:.3g}) in {folder}/pareto.png")
     print(summary_table(trials))

@@ -7,18 +7,25 @@ first. So each scientific cell of the space (e.g. ``n_unfrozen=2 head=gcn``, and
 the space picks it) gets its own ASHA: a trial only meets trials of its own cell (tuning_playbook:
 compare nuisance settings within one value of the scientific parameters).
 
-With ``cost="trainable_params"`` (``--scheduler asha-pareto``; off by default), from ASHA's
-second rung on a trial is also stopped when a trial of another cell with fewer trainable parameters
-(the front's other axis) had already reported an error at least as low at the same rung: dominated at equal
-epochs, it could reach the front only by overtaking a cheaper model later (the multi-objective
+With ``cost="trainable_params"``, from ASHA's second rung on a trial is also judged against the
+other cells: it is *dominated* when a trial of another cell with fewer trainable parameters (the
+front's other axis) had already reported an error at least as low at the same rung. At equal
+epochs it could then reach the front only by overtaking a cheaper model later (the multi-objective
 ASHA idea: promote by Pareto rank, not by one metric). The first rung (``grace_period`` epochs)
 stays within the cell. Like ASHA's own, the rule is asynchronous: a trial meets only the results
-that reached its rung before it. It is off by default because it can stop a regime's only trial,
-and the regime that starts slow (full fine-tuning with small encoder learning rates) is exactly
-the one the search must compare: on bench/search.py's recorded table, a cheaper configuration is
-as good at epoch 2 in 501 pairs of configurations, and in 271 of them the costlier one ends better.
-It buys speed to a good front, not a complete table of regimes (bench/search.py: median 22
-against 30 summed epochs to 95 % of the grid's hypervolume over 21 seeds).
+that reached its rung before it. What happens to a dominated trial:
+
+* ``defer=True`` (``--scheduler asha``, the default): it is *paused*, once, and gives its
+  concurrency slot to the next trial (search/tuner.py ``KeepTellingLimiter``). Once no trial waits
+  to start, the paused ones resume, lowest error at their pause first (ASHA's promotion order),
+  continue from their checkpoint and run to the end (their own cell's ASHA may still stop them). A
+  good front is found sooner and no regime loses its trial: the one that starts slow (full
+  fine-tuning with small learning rates) still finishes, which matters because on
+  bench/search.py's recorded table a cheaper configuration is as good at epoch 2 in 501 pairs of
+  configurations, and in 271 of them the costlier one ends better. The price is one restart
+  (Tune + Train start-up, checkpoint load) per paused trial.
+* ``defer=False`` (``--scheduler asha-pareto``): it is stopped. Cheapest, but a regime may be left
+  without a completed trial, and ``regimes.md`` then shows '—' for it.
 
 A NaN or infinite metric stops the trial at its first such result. Tune saves no scheduler
 state, so the rungs and every stop decision are written to ``scheduler.json`` in the experiment
@@ -135,9 +142,11 @@ class StratifiedASHA(ResumingFIFO):
 
     cost: str | None = None  # also what an experiment pickled before Pareto stops existed gets on resume
 
-    def __init__(self, scientific: tuple[str, ...] = ("n_unfrozen",), cost: str | None = None, **asha_kwargs):
+    def __init__(self, scientific: tuple[str, ...] = ("n_unfrozen",), cost: str | None = None,
+                 defer: bool = False, **asha_kwargs):
         super().__init__(asha_kwargs.get("metric"), asha_kwargs.get("time_attr", "epoch"))
-        self.cost = cost
+        self.cost, self.defer = cost, defer
+        self.deferred: dict[str, dict] = {}  # trial id -> {"epoch", "by"}: paused as dominated, resumed last
         self.at_rung: dict[int, dict[str, list[float]]] = {}  # milestone -> trial id -> [cost, metric]
         self.dominated: dict[str, dict] = {}  # trial id -> {"epoch", "by"}: why a Pareto stop was made
         if asha_kwargs.get("reduction_factor", 2) < 2:
@@ -149,7 +158,7 @@ class StratifiedASHA(ResumingFIFO):
 
     def __setstate__(self, state: dict) -> None:
         # Tune unpickles the scheduler on resume; one pickled by an older EchoTune lacks these
-        self.__dict__.update({"at_rung": {}, "dominated": {}} | state)
+        self.__dict__.update({"at_rung": {}, "dominated": {}, "deferred": {}, "defer": False} | state)
 
     # --- strata ----------------------------------------------------------------------------------
     def stratum(self, config: dict) -> str:
@@ -192,12 +201,45 @@ class StratifiedASHA(ResumingFIFO):
         epoch = result.get(self.time_attr, 0)
         by = self._dominated_by(trial, result, asha)  # recorded whatever its own cell decided
         if by is not None and decision == TrialScheduler.CONTINUE and epoch < self.asha_kwargs["max_t"]:
+            if self.defer:
+                return self._defer(tune_controller, trial, int(epoch), by, result[self._metric])
             self.dominated[trial.trial_id] = {"epoch": int(epoch), "by": by}
             decision = TrialScheduler.STOP
         if decision == TrialScheduler.STOP and epoch < self.asha_kwargs["max_t"]:
             return self._stop(trial, result)
         self._save()
         return decision
+
+    def _defer(self, tune_controller, trial, epoch: int, by: str, value: float) -> str:
+        """Pause a dominated trial once, to resume after every trial not yet started; its
+        concurrency slot goes to the next trial meanwhile."""
+        if trial.trial_id in self.deferred:
+            self._save()
+            return TrialScheduler.CONTINUE  # deferred once already: now it runs to the end
+        self.deferred[trial.trial_id] = {"epoch": epoch, "by": by, self._metric: float(value)}
+        trial.config[TUNE_EPOCH] = epoch  # what Tune holds when it restarts the trial
+        self._save()
+        limiter = _limiter(tune_controller)
+        if limiter is not None:
+            limiter.on_pause(trial.trial_id)
+        return TrialScheduler.PAUSE
+
+    def choose_trial_to_run(self, tune_controller):
+        """Trials not yet started first (FIFO); then the deferred trial that looked best when it
+        was paused (ASHA's promotion order: the lowest error at its rung first)."""
+        trial = super().choose_trial_to_run(tune_controller)
+        if trial is None or trial.status != trial.PAUSED:
+            return trial
+        sign = -1.0 if self._mode == "max" else 1.0
+        paused = [t for t in tune_controller.get_trials() if t.status == t.PAUSED]
+        known = lambda t: self._metric in self.deferred.get(t.trial_id, {})  # noqa: E731
+        trial = min(paused, key=lambda t: (not known(t), sign * self.deferred[t.trial_id][self._metric]
+                                           if known(t) else 0.0))
+        limiter = _limiter(tune_controller)  # a deferred trial resumes within the concurrency limit
+        if limiter is not None and not limiter.on_unpause(trial.trial_id):
+            return None
+        trial.config[TUNE_EPOCH] = int((trial.last_result or {}).get(self.time_attr, 0) or 0)
+        return trial
 
     def _dominated_by(self, trial, result: dict, asha: AsyncHyperBandScheduler) -> str | None:
         """Record this result at its rung; the id of an earlier trial of another cell that dominates
@@ -251,7 +293,7 @@ class StratifiedASHA(ResumingFIFO):
                                              for key, asha in self.by_stratum.items()},
                                   "stratum_of": self.stratum_of,
                                   "pareto_rungs": {str(m): rec for m, rec in self.at_rung.items()},
-                                  "dominated": self.dominated}
+                                  "dominated": self.dominated, "deferred": self.deferred}
 
     def _load(self) -> dict:
         state = super()._load()
@@ -259,6 +301,7 @@ class StratifiedASHA(ResumingFIFO):
         for milestone, recorded in state.get("pareto_rungs", {}).items():
             self.at_rung.setdefault(int(milestone), {}).update(recorded)
         self.dominated.update(state.get("dominated", {}))
+        self.deferred.update(state.get("deferred", {}))
         for key, rungs in state.get("strata", {}).items():
             asha = self.by_stratum.setdefault(key, AsyncHyperBandScheduler(**self.asha_kwargs))
             for (milestone, recorded), (_, target) in zip(rungs, asha._brackets[0]._rungs):
@@ -270,9 +313,16 @@ class StratifiedASHA(ResumingFIFO):
         return len(self.stopped)
 
     def debug_string(self) -> str:
-        pareto = f"{len(self.dominated)} dominated by fewer {self.cost}, " if self.cost else ""
+        pareto = f"{len(self.dominated)} dominated by fewer {self.cost}, " if self.cost and not self.defer else ""
+        paused = f", {len(self.deferred)} paused as dominated by fewer {self.cost} (resumed last)" if self.defer else ""
         return (f"Using ASHA stratified by scientific cell ({', '.join(self.scientific)}): "
-                f"{self.num_stopped} stopped ({pareto}{self.n_non_finite} non-finite) in {len(self.by_stratum)} cells")
+                f"{self.num_stopped} stopped ({pareto}{self.n_non_finite} non-finite){paused} in {len(self.by_stratum)} cells")
+
+
+def _limiter(tune_controller):
+    """The search's ``KeepTellingLimiter`` (search/tuner.py), if it runs under one."""
+    searcher = getattr(getattr(tune_controller, "search_alg", None), "searcher", None)
+    return searcher if hasattr(searcher, "on_unpause") and hasattr(searcher, "paused") else None
 
 
 __all__ = ["ResumingFIFO", "StratifiedASHA", "TrialScheduler", "TUNE_EPOCH"]

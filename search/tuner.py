@@ -84,7 +84,30 @@ class KeepTellingLimiter(ConcurrencyLimiter):
     (FailureConfig, or ``--resume`` with resume_errored) never reached the searcher; this one
     passes every completion on (the searcher ignores what it was told already)."""
 
+    @property
+    def paused(self) -> set[str]:
+        """Trials the scheduler paused (search/schedulers.py ``defer``): they hold no slot."""
+        return self.__dict__.setdefault("_paused", set())  # also in a limiter pickled by an older EchoTune
+
+    def on_pause(self, trial_id: str):
+        """A trial the scheduler deferred gives its slot to the next trial until it resumes."""
+        if trial_id in self.live_trials:
+            self.live_trials.remove(trial_id)
+            self.num_unfinished_live_trials -= 1
+            self.paused.add(trial_id)
+
+    def on_unpause(self, trial_id: str) -> bool:
+        """Take a slot back for a paused trial; False while every slot is taken."""
+        if trial_id in self.paused:
+            if len(self.live_trials) >= self.max_concurrent:
+                return False
+            self.paused.remove(trial_id)
+            self.live_trials.add(trial_id)
+            self.num_unfinished_live_trials += 1
+        return True
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+        self.paused.discard(trial_id)
         if trial_id in self.live_trials:
             return super().on_trial_complete(trial_id, result=result, error=error)
         return self.searcher.on_trial_complete(trial_id, result=result, error=error)
@@ -95,8 +118,9 @@ def make_scheduler(settings: dict):
 
     if settings["scheduler"] == "none":
         return ResumingFIFO(METRIC)
+    pareto = settings["scheduler"] in ("asha", "asha-pareto")  # asha: dominated trials deferred, not stopped
     return StratifiedASHA(get_space(settings["space"]).scientific, time_attr="epoch", metric=METRIC, mode=MODE,
-                          cost="trainable_params" if settings["scheduler"] == "asha-pareto" else None,
+                          cost="trainable_params" if pareto else None, defer=settings["scheduler"] == "asha",
                           max_t=settings["max_epochs"], grace_period=settings["grace_period"],
                           reduction_factor=settings["reduction_factor"])
 

@@ -90,12 +90,15 @@ def test_every_strategy_replays_through_the_real_tuner(ray_instance, tmp_path):
     before = dict(journal._STATE)
     results = b.replay(curves, seeds=[0, 1], per_cell=1, workdir=tmp_path)
     for seed_runs in zip(*results.values()):
-        echotune, pareto, asha_tpe, random_search, grid = seed_runs
+        echotune, cells, pareto, asha_tpe, random_search, grid = seed_runs
         for r in seed_runs:
             assert r["errors"] == 0 and r["epochs_to_target"] <= r["total_epochs"]
-        assert echotune["trials"] == pareto["trials"] == asha_tpe["trials"] == random_search["trials"] == 4
+        assert echotune["trials"] == cells["trials"] == pareto["trials"] == asha_tpe["trials"] == random_search["trials"] == 4
         # each cell once; a cell's first trial is never stopped by its own ASHA ...
-        assert echotune["completed"] == 4 and echotune["total_epochs"] == 4 * E
+        assert cells["completed"] == 4 and cells["total_epochs"] == 4 * E and cells["deferred"] == 0
+        # ... and by default, a dominated one is paused and resumed after the others: it loses no epoch
+        assert echotune["completed"] == 4 and echotune["total_epochs"] == 4 * E and echotune["deferred"] >= 1
+        assert echotune["ended_deferred"] == sorted(echotune["ended_deferred"])  # every deferred one ended last
         # ... only by a cheaper cell's trial, from the second rung on (the cheapest cell never)
         assert 1 <= pareto["completed"] < 4 and all(epochs >= 2 for _, epochs in pareto["runs"])
         assert random_search["completed"] == 4 and random_search["total_epochs"] == 4 * E

@@ -30,13 +30,15 @@ BAD_INPUTS = [
     ("search killed -9 as a trial starts", "EchoTune search (resumed)"),
     ("search killed -9 mid-epoch", "EchoTune search (resumed)"),
     ("search killed -9 while it writes the export", "EchoTune search (resumed)"),
+    ("search killed -9 while a dominated trial is paused", "EchoTune search (resumed)"),
     ("head lost with its local results folder (S3 storage)", "resume: restored search_config.json, optuna.db"),
     ("two searches at once next to a third Ray instance", "finished: 2 trials"),
 ]
 MESSAGE = dict(BAD_INPUTS)
 WHEN = {"after_result": "search killed -9 right after a trial's result",
         "trial_start": "search killed -9 as a trial starts", "mid_epoch": "search killed -9 mid-epoch",
-        "export": "search killed -9 while it writes the export"}
+        "export": "search killed -9 while it writes the export",
+        "paused": "search killed -9 while a dominated trial is paused"}
 
 
 def env(**extra) -> dict:
@@ -98,6 +100,18 @@ def assert_every_trial_once(folder: Path, samples: int) -> None:
         assert sorted(t.intermediate_values) == list(range(1, n + 1)), (tid, t.intermediate_values)
     rows = (folder / "pareto.csv").read_text().strip().splitlines()[1:]
     assert len(rows) == samples
+    assert_tensorboard_steps_are_epochs(folder, res)
+
+
+def assert_tensorboard_steps_are_epochs(folder: Path, res: dict) -> None:
+    """A restarted trial's TensorBoard curve goes on from where it was (Tune's step is the epoch),
+    with each epoch once, across the event files of its runs."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for tid, rows in res.items():
+        acc = EventAccumulator(str(folder / f"trial_{tid}"))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("ray/tune/val_px_error")] == [r["epoch"] for r in rows], tid
 
 
 # --- kills at several moments -----------------------------------------------------------------------
@@ -125,14 +139,28 @@ def moment(name: str, folder: Path, log: Path):
     def export():  # the search finished fitting and is writing the export
         return "Wrote the latest version of all result files" in log.read_text(errors="ignore")
 
+    def paused():  # a trial is paused as dominated and a later trial has reported since
+        return bool(paused_trials(folder)) and lines(folder) > 2 * MAX_T
+
     return {"trial_start": trial_start, "mid_epoch": mid_epoch, "after_result": after_result,
-            "export": export}[name]
+            "export": export, "paused": paused}[name]
+
+
+def paused_trials(folder: Path) -> dict:
+    """Trials the scheduler paused as dominated (scheduler.json), that have not resumed yet."""
+    try:
+        deferred = json.loads((folder / "scheduler.json").read_text()).get("deferred", {})
+    except (OSError, ValueError):
+        return {}
+    res = results(folder)
+    return {tid: d for tid, d in deferred.items() if len(res.get(tid, [])) <= d["epoch"]}
 
 
 @pytest.mark.parametrize("when", ["after_result",  # the others are slow (~50-70 s each): `make test-all`
                                   pytest.param("trial_start", marks=pytest.mark.slow),
                                   pytest.param("mid_epoch", marks=pytest.mark.slow),
-                                  pytest.param("export", marks=pytest.mark.slow)])
+                                  pytest.param("export", marks=pytest.mark.slow),
+                                  pytest.param("paused", marks=pytest.mark.slow)])
 def test_a_kill_at_any_moment_loses_nothing(tmp_path, when):
     folder, log = tmp_path / "k", tmp_path / "first.log"
     kill_when(search(tmp_path, "k"), log, moment(when, folder, log))
@@ -140,6 +168,35 @@ def test_a_kill_at_any_moment_loses_nothing(tmp_path, when):
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert MESSAGE[WHEN[when]] in second.stdout
     assert_every_trial_once(folder, 4)
+
+
+def test_a_dominated_trial_is_paused_and_finishes_last_with_every_epoch_once(tmp_path):
+    """The default scheduler pauses a trial that a cheaper trial of another cell dominates at ASHA's
+    second rung, and resumes it once every other trial has started: its Train run goes on from its
+    checkpoint and every epoch reaches Tune, the study and TensorBoard once (assert_every_trial_once)."""
+    proc = subprocess.run(search(tmp_path, "d"), capture_output=True, text=True, timeout=600, env=env())
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    folder = tmp_path / "d"
+    deferred = json.loads((folder / "scheduler.json").read_text())["deferred"]
+    assert deferred, "seed 5 pauses k=0 gcn (dominated by k=0 mlp) at epoch 2; a changed sampler may not"
+    assert_every_trial_once(folder, 4)
+    res = results(folder)
+    first_results = [rows[0]["timestamp"] for tid, rows in res.items() if tid not in deferred]
+    rows = {r["trial_id"]: r for r in csv_rows(folder / "pareto.csv")}
+    for tid, pause in deferred.items():
+        assert pause["epoch"] == 2 and pause["by"] in res
+        assert [r["epoch"] for r in res[tid]] == [1, 2, 3]  # paused, not stopped: it ran all its epochs
+        assert res[tid][pause["epoch"]]["timestamp"] >= max(first_results)  # resumed after the others started
+        assert rows[tid]["state"] == "COMPLETE" and f"paused at epoch 2 as dominated by trial {pause['by']}" in \
+            rows[tid]["reason"]
+    assert f"({len(deferred)} paused as dominated, resumed last)" in proc.stdout
+
+
+def csv_rows(path: Path) -> list[dict]:
+    import csv
+
+    with path.open() as f:
+        return list(csv.DictReader(f))
 
 
 def test_resume_on_a_new_head_from_s3(s3_endpoint, bucket, tmp_path):

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
 
 from search import journal
 from search.schedulers import StratifiedASHA
@@ -416,7 +417,7 @@ def test_pareto_stops_survive_a_restart_and_can_be_turned_off_or_maximised(folde
     assert second.dominated["b"] == {"epoch": 2, "by": "a"}
 
     journal._STATE.update(folder=None)  # no persistence below: fresh schedulers
-    off = asha()  # --scheduler asha (the default): ASHA within each cell only
+    off = asha()  # --scheduler asha-cells: ASHA within each cell only
     up = StratifiedASHA(("n_unfrozen", "head"), cost="trainable_params", time_attr="epoch", metric="dice",
                         mode="max", max_t=4, grace_period=1, reduction_factor=2)
     for sched, key, cheap, dear in ((off, "err", 4.0, 4.5), (up, "dice", 0.8, 0.7)):
@@ -429,29 +430,137 @@ def test_pareto_stops_survive_a_restart_and_can_be_turned_off_or_maximised(folde
     assert up._last == TrialScheduler.STOP and up.dominated["dear"]["by"] == "cheap"  # lower Dice, more params
 
 
-@pytest.mark.parametrize("flag,cost", [("asha", None), ("asha-pareto", "trainable_params")])
-def test_the_scheduler_flag_chooses_pareto_stops(flag, cost):
+class _Searcher(Searcher):  # the least a ConcurrencyLimiter wraps
+    def __init__(self):
+        super().__init__()
+        self.told = []
+
+    def suggest(self, trial_id):
+        return {"x": 1}
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        self.told.append(trial_id)
+
+
+def _controller(limiter, *trials):
+    return SimpleNamespace(search_alg=SimpleNamespace(searcher=limiter), get_trials=lambda: list(trials))
+
+
+def _live(tid, status, **config):
+    t = trial(tid, **config)
+    t.status, t.PENDING, t.PAUSED = status, "PENDING", "PAUSED"
+    return t
+
+
+def defer_asha():  # --scheduler asha (the default)
+    return StratifiedASHA(("n_unfrozen", "head"), cost="trainable_params", defer=True, time_attr="epoch",
+                          metric="err", mode="min", max_t=4, grace_period=1, reduction_factor=2)
+
+
+def test_a_dominated_trial_is_deferred_once_and_resumes_after_every_trial_not_yet_started(folder):
+    """--scheduler asha (default): from ASHA's second rung, a trial dominated by a cheaper trial of
+    another cell is paused, not stopped; its slot goes to the next trial, and it resumes (knowing
+    the epochs Tune holds) once no trial waits to start and a slot is free, then runs to the end."""
+    from search.tuner import KeepTellingLimiter
+
+    sched = defer_asha()
+    limiter = KeepTellingLimiter(_Searcher(), max_concurrent=1)
+    frozen, full = _live("frozen", "RUNNING", n_unfrozen=0, head="mlp"), _live("full", "RUNNING", n_unfrozen="all",
+                                                                                head="mlp")
+    nxt = _live("next", "PENDING", n_unfrozen=1, head="mlp")
+    tc = _controller(limiter, frozen, full, nxt)
+    for x in (frozen, full, nxt):
+        sched.on_trial_add(tc, x)
+    limiter.suggest("full")
+    decide = lambda t, epoch, err, params: sched.on_trial_result(  # noqa: E731
+        tc, t, {"epoch": epoch, "err": err, "trainable_params": params})
+    assert decide(frozen, 1, 5.0, 100) == decide(frozen, 2, 4.0, 100) == TrialScheduler.CONTINUE
+    assert decide(full, 1, 6.0, 900) == TrialScheduler.CONTINUE  # first rung: judged in its cell only
+    assert decide(full, 2, 4.5, 900) == TrialScheduler.PAUSE
+    assert sched.deferred == {"full": {"epoch": 2, "by": "frozen", "err": 4.5}}
+    assert sched.stopped == {} and sched.dominated == {}
+    assert full.config["tune_epoch"] == 2 and limiter.live_trials == set() and limiter.paused == {"full"}
+    assert limiter.suggest("next") is not None  # the paused trial's slot went to the next trial
+    full.status = "PAUSED"
+    assert sched.choose_trial_to_run(tc) is nxt  # trials not yet started go first
+    nxt.status = "RUNNING"
+    assert sched.choose_trial_to_run(tc) is None  # the one slot is taken: the paused trial waits
+    limiter.on_trial_complete("next", {"err": 5.5})
+    nxt.status = "TERMINATED"
+    full.last_result = {"epoch": 2, "err": 4.5}
+    assert sched.choose_trial_to_run(tc) is full and limiter.live_trials == {"full"} and limiter.paused == set()
+    full.status = "RUNNING"
+    assert decide(full, 4, 3.0, 900) == TrialScheduler.STOP  # at max_t the trial ends: never a stop
+    assert "full" not in sched.stopped
+    limiter.on_trial_complete("full", {"err": 3.0})
+    assert limiter.searcher.told == ["next", "full"]  # the searcher hears of the resumed trial's end
+    saved = json.loads((folder / journal.SCHEDULER_FILE).read_text())
+    assert saved["deferred"] == sched.deferred
+    again = defer_asha()
+    again.on_trial_add(tc, full)  # as on --resume: the deferral is remembered
+    assert again.deferred == sched.deferred
+
+
+def test_deferred_trials_resume_best_first_and_each_is_deferred_once(folder):
+    sched = defer_asha()
+    t = {name: _live(name, "RUNNING", n_unfrozen=k, head="mlp") for name, k in
+         (("frozen", 0), ("k1", 1), ("k2", 2), ("full", "all"))}
+    tc = _controller(None, *t.values())
+    for x in t.values():
+        sched.on_trial_add(tc, x)
+    decide = lambda name, epoch, err, params: sched.on_trial_result(  # noqa: E731
+        tc, t[name], {"epoch": epoch, "err": err, "trainable_params": params})
+    for name, params, err in (("frozen", 100, 3.0), ("k1", 200, 6.0), ("k2", 300, 4.0), ("full", 900, 5.0)):
+        decide(name, 1, 9.0, params)
+        assert decide(name, 2, err, params) == (TrialScheduler.CONTINUE if name == "frozen" else TrialScheduler.PAUSE)
+        t[name].status = "PAUSED" if name != "frozen" else "TERMINATED"
+    order = []
+    while (nxt := sched.choose_trial_to_run(tc)) is not None:
+        order.append(nxt.trial_id)
+        nxt.status = "RUNNING"
+        assert decide(nxt.trial_id, 3, 9.9, {"k1": 200, "k2": 300, "full": 900}[nxt.trial_id]) == \
+            TrialScheduler.CONTINUE  # dominated again, but deferred once only
+    assert order == ["k2", "full", "k1"]  # the lowest error at its pause first (ASHA's promotion order)
+
+
+def test_a_cheaper_or_better_trial_is_never_deferred(folder):
+    sched = defer_asha()
+    t = _pareto_trials(sched, full="all", frozen=0, k1=1)
+    for name, params in (("full", 900), ("frozen", 100), ("k1", 300)):
+        sched.on_trial_result(None, t[name], {"epoch": 1, "err": 9.0, "trainable_params": params})
+    assert sched.on_trial_result(None, t["full"], {"epoch": 2, "err": 5.0, "trainable_params": 900}) == \
+        TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, t["frozen"], {"epoch": 2, "err": 8.0, "trainable_params": 100}) == \
+        TrialScheduler.CONTINUE  # worse than full fine-tuning but cheaper
+    assert sched.on_trial_result(None, t["k1"], {"epoch": 2, "err": 4.0, "trainable_params": 300}) == \
+        TrialScheduler.CONTINUE  # costlier than frozen but better
+    assert sched.deferred == {}
+
+
+@pytest.mark.parametrize("flag,cost,defer", [("asha", "trainable_params", True), ("asha-cells", None, False),
+                                              ("asha-pareto", "trainable_params", False)])
+def test_the_scheduler_flag_chooses_pareto_deferral_or_stops(flag, cost, defer):
     from search.run import parser
     from search.tuner import make_scheduler
 
     args = parser().parse_args(["--scheduler", flag])
     sched = make_scheduler({"scheduler": args.scheduler, "space": "smoke", "max_epochs": 4, "grace_period": 1,
                             "reduction_factor": 2})
-    assert isinstance(sched, StratifiedASHA) and sched.cost == cost
+    assert isinstance(sched, StratifiedASHA) and sched.cost == cost and sched.defer == defer
 
 
 def test_a_scheduler_pickled_before_pareto_stops_existed_resumes_without_them(folder):
     import pickle
 
     old = asha()
-    for name in ("cost", "at_rung", "dominated"):  # what an older EchoTune pickled into tuner.pkl lacked
+    for name in ("cost", "at_rung", "dominated", "defer", "deferred"):  # what an older EchoTune pickled lacked
         old.__dict__.pop(name, None)
     sched = pickle.loads(pickle.dumps(old))
     t = _pareto_trials(sched, cheap=0, dear="all")
     for epoch in (1, 2):
         for name, params, err in (("cheap", 100, 4.0), ("dear", 900, 5.0)):
             decision = sched.on_trial_result(None, t[name], {"epoch": epoch, "err": err, "trainable_params": params})
-    assert decision == TrialScheduler.CONTINUE and sched.cost is None and sched.dominated == {}
+    assert decision == TrialScheduler.CONTINUE and sched.cost is None and sched.dominated == sched.deferred == {}
     assert "dominated" not in sched.debug_string()
 
 
