@@ -383,7 +383,9 @@ def run_strategy(strategy: str, curves: Curves, seed: int, per_cell: int, workdi
             tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n,
                                         # EchoTune's searcher comes in its own limiter (as search.run's)
                                         max_concurrent_trials=None if strategy.startswith("echotune") else 1,
-                                        reuse_actors=True,
+                                        # as search.run: Tune 2.60 reusing the actor of a paused trial
+                                        # kept one trial's CPU reserved after fit() (seen here)
+                                        reuse_actors=not strategy.startswith("echotune"),
                                         trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
             run_config=tune.RunConfig(name=f"{strategy}-{seed}", storage_path=str(workdir / "ray"), verbose=0,
                                       callbacks=callbacks))

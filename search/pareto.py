@@ -178,7 +178,8 @@ def trial_row(last: dict, by_epoch: dict, states: dict, settings: dict, gpus: in
     pause = (deferred or {}).get(last.get("trial_id"))
     if pause and not reason:
         reason = (f"paused at epoch {pause['epoch']} as dominated by trial {pause['by']} (fewer trainable "
-                  f"parameters, an error as low at that epoch); resumed after the other trials")
+                  f"parameters, an error as low at that epoch); resumed after the other trials"
+                  f"{'; then stopped early by ASHA within its cell' if state == 'PRUNED' else ''}")
     time_total = sum(r.get("time_this_iter_s", 0) for r in by_epoch.values() if not r.get("replayed"))
     trainable = last.get("trainable_params", 0)
     head_params = last.get("head_params")

@@ -6,7 +6,8 @@ Before spending GPU hours on a new cluster, check that trial drivers land on the
 node, Train workers on GPU nodes, the autoscaler adds GPU nodes, concurrency follows the GPUs,
 and ASHA-stopped trials free their GPUs so later trials start. Every trial is a real Ray Train
 run (same scaling config and placement as training) whose workers sleep for each "epoch" and
-report made-up metrics (marked ``rehearsal: 1``) plus where they ran, and checkpoint like real
+report made-up metrics (marked ``rehearsal: 1``) plus where they ran and the first epoch this run
+trained (``run_first_epoch``: above 1 when it went on from a checkpoint), and checkpoint like real
 trials, so killing and resuming a rehearsal exercises the same resume path.
 
 ``ECHOTUNE_REHEARSAL_DIVERGE=F`` (0..1) makes that fraction of configurations report a NaN loss at
@@ -74,7 +75,7 @@ def rehearsal_worker(config: dict) -> None:
         error = fake_error(config["params"], epoch)
         metrics = {"epoch": epoch, "val_px_error": error, "train_loss": 1.0 / epoch if error == error else error,
                    "trainable_params": fake_trainable_params(config["params"]),
-                   "total_params": 10000, "rehearsal": 1,
+                   "total_params": 20000, "rehearsal": 1, "run_first_epoch": start,
                    "worker_node": ray.get_runtime_context().get_node_id(),
                    "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
                    "world_size": ctx.get_world_size(), "driver_node": config["driver_node"]}

@@ -76,7 +76,7 @@ def parser() -> argparse.ArgumentParser:
                    help="early stopping: asha (default): ASHA within each scientific cell, and from ASHA's second "
                         "rung a trial is paused when one of another cell with fewer trainable parameters already "
                         "reported an error at least as low at that rung, to finish after every other trial (a good "
-                        "front sooner, no regime lost); asha-cells: ASHA within each cell only; asha-pareto: stop "
+                        "front sooner; no trial stopped for it); asha-cells: ASHA within each cell only; asha-pareto: stop "
                         "such a trial instead of pausing it (cheapest; a regime may then have no completed trial); "
                         "none")
     g.add_argument("--seed", type=int, default=0)
@@ -518,9 +518,10 @@ def print_summary(grid, settings: dict, folder: Path) -> int:
     trials = summary["trials"]
     states = {s: sum(t["state"] == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")}
     paused = len(pareto_stops(folder, "deferred"))
-    print(f"\nfinished: {len(trials)} trials: {states['COMPLETE']} ran all {settings['max_epochs']} epochs"
-          f"{f' ({paused} paused as dominated, resumed last)' if paused else ''}, "
-          f"{states['PRUNED']} stopped early, {states['FAIL']} failed; Pareto front of {len(summary['front'])} "
+    print(f"\nfinished: {len(trials)} trials: {states['COMPLETE']} ran all {settings['max_epochs']} epochs, "
+          f"{states['PRUNED']} stopped early, {states['FAIL']} failed"
+          f"{f' ({paused} paused as dominated and resumed last)' if paused else ''}; "
+          f"Pareto front of {len(summary['front'])} "
           f"(hypervolume {summary['hypervolume']:.3g}) in {folder}/pareto.png")
     print(summary_table(trials))
     print(f"\nregimes: {folder}/regimes.md")

@@ -16,14 +16,16 @@ stays within the cell. Like ASHA's own, the rule is asynchronous: a trial meets 
 that reached its rung before it. What happens to a dominated trial:
 
 * ``defer=True`` (``--scheduler asha``, the default): it is *paused*, once, and gives its
-  concurrency slot to the next trial (search/tuner.py ``KeepTellingLimiter``). Once no trial waits
-  to start, the paused ones resume, lowest error at their pause first (ASHA's promotion order),
-  continue from their checkpoint and run to the end (their own cell's ASHA may still stop them). A
-  good front is found sooner and no regime loses its trial: the one that starts slow (full
-  fine-tuning with small learning rates) still finishes, which matters because on
+  concurrency slot to the next trial (search/tuner.py ``KeepTellingLimiter``), unless no trial
+  waits to start (the pause would buy nothing). Once no trial waits to start, the paused ones
+  resume, the furthest along first, then the lowest error at their rung (ASHA's promotion order),
+  go on from their checkpoint and run to the end; only their own cell's ASHA may still stop them.
+  A good front is found sooner and no trial is stopped for being dominated: the regime that starts
+  slow (full fine-tuning with small learning rates) still finishes, which matters because on
   bench/search.py's recorded table a cheaper configuration is as good at epoch 2 in 501 pairs of
   configurations, and in 271 of them the costlier one ends better. The price is one restart
-  (Tune + Train start-up, checkpoint load) per paused trial.
+  (Tune + Train start-up, checkpoint load) per paused trial. A paused trial restored by
+  ``--resume`` waits paused again (Tune requeues it as PENDING, which would run it first).
 * ``defer=False`` (``--scheduler asha-pareto``): it is stopped. Cheapest, but a regime may be left
   without a completed trial, and ``regimes.md`` then shows '—' for it.
 
@@ -185,6 +187,14 @@ class StratifiedASHA(ResumingFIFO):
     def on_trial_add(self, tune_controller, trial):
         super().on_trial_add(tune_controller, trial)
         self._asha(trial)
+        if self._still_paused(trial) and trial.status != "PAUSED":
+            # Restored after a kill: Tune requeues every unfinished trial PENDING, which would start
+            # a paused trial first and outside the concurrency limit. Tune files the trial by its
+            # status after this call, so it waits as PAUSED again, with no slot.
+            trial.set_status("PAUSED")
+            limiter = _limiter(tune_controller)
+            if limiter is not None:
+                limiter.release_slot(trial.trial_id, force=True)
         done = int((trial.last_result or {}).get(self.time_attr, 0) or 0)
         if trial.status == "TERMINATED" and trial.trial_id not in self.stopped and \
                 0 < done < self.asha_kwargs["max_t"]:
@@ -212,31 +222,37 @@ class StratifiedASHA(ResumingFIFO):
 
     def _defer(self, tune_controller, trial, epoch: int, by: str, value: float) -> str:
         """Pause a dominated trial once, to resume after every trial not yet started; its
-        concurrency slot goes to the next trial meanwhile."""
-        if trial.trial_id in self.deferred:
+        concurrency slot goes to the next trial meanwhile. Not when no trial waits to start: the
+        pause would only cost a restart."""
+        if trial.trial_id in self.deferred or not _work_waiting(tune_controller):
             self._save()
-            return TrialScheduler.CONTINUE  # deferred once already: now it runs to the end
+            return TrialScheduler.CONTINUE  # deferred once already, or nothing to run instead
         self.deferred[trial.trial_id] = {"epoch": epoch, "by": by, self._metric: float(value)}
         trial.config[TUNE_EPOCH] = epoch  # what Tune holds when it restarts the trial
         self._save()
         limiter = _limiter(tune_controller)
         if limiter is not None:
-            limiter.on_pause(trial.trial_id)
+            limiter.release_slot(trial.trial_id)
         return TrialScheduler.PAUSE
 
+    def _still_paused(self, trial) -> bool:
+        """A deferred trial that has not run past its pause (Tune requeues it PENDING on resume)."""
+        pause = self.deferred.get(trial.trial_id)
+        held = int((trial.last_result or {}).get(self.time_attr, 0) or 0)
+        return pause is not None and held <= pause["epoch"] and trial.status in ("PENDING", "RUNNING", "PAUSED")
+
     def choose_trial_to_run(self, tune_controller):
-        """Trials not yet started first (FIFO); then the deferred trial that looked best when it
-        was paused (ASHA's promotion order: the lowest error at its rung first)."""
+        """Trials not yet started first (FIFO); then the deferred trials, the furthest along first
+        (least left to run) and, at the same rung, the lowest error first (ASHA's promotion order)."""
         trial = super().choose_trial_to_run(tune_controller)
         if trial is None or trial.status != trial.PAUSED:
             return trial
         sign = -1.0 if self._mode == "max" else 1.0
         paused = [t for t in tune_controller.get_trials() if t.status == t.PAUSED]
-        known = lambda t: self._metric in self.deferred.get(t.trial_id, {})  # noqa: E731
-        trial = min(paused, key=lambda t: (not known(t), sign * self.deferred[t.trial_id][self._metric]
-                                           if known(t) else 0.0))
+        pause = lambda t: self.deferred.get(t.trial_id, {})  # noqa: E731
+        trial = min(paused, key=lambda t: (-pause(t).get("epoch", 0), sign * pause(t).get(self._metric, 0.0)))
         limiter = _limiter(tune_controller)  # a deferred trial resumes within the concurrency limit
-        if limiter is not None and not limiter.on_unpause(trial.trial_id):
+        if limiter is not None and not limiter.take_slot(trial.trial_id):
             return None
         trial.config[TUNE_EPOCH] = int((trial.last_result or {}).get(self.time_attr, 0) or 0)
         return trial
@@ -314,15 +330,27 @@ class StratifiedASHA(ResumingFIFO):
 
     def debug_string(self) -> str:
         pareto = f"{len(self.dominated)} dominated by fewer {self.cost}, " if self.cost and not self.defer else ""
-        paused = f", {len(self.deferred)} paused as dominated by fewer {self.cost} (resumed last)" if self.defer else ""
+        paused = (f", {len(self.deferred)} paused as dominated by fewer {self.cost} (resumed last)"
+                  if self.defer else "")
         return (f"Using ASHA stratified by scientific cell ({', '.join(self.scientific)}): "
-                f"{self.num_stopped} stopped ({pareto}{self.n_non_finite} non-finite){paused} in {len(self.by_stratum)} cells")
+                f"{self.num_stopped} stopped ({pareto}{self.n_non_finite} non-finite){paused} "
+                f"in {len(self.by_stratum)} cells")
 
 
 def _limiter(tune_controller):
     """The search's ``KeepTellingLimiter`` (search/tuner.py), if it runs under one."""
     searcher = getattr(getattr(tune_controller, "search_alg", None), "searcher", None)
-    return searcher if hasattr(searcher, "on_unpause") and hasattr(searcher, "paused") else None
+    return searcher if hasattr(searcher, "take_slot") else None
+
+
+def _work_waiting(tune_controller) -> bool:
+    """Whether a trial waits to start, or the search algorithm has more to suggest."""
+    if tune_controller is None:
+        return True
+    if any(t.status == "PENDING" for t in tune_controller.get_trials()):
+        return True
+    finished = getattr(getattr(tune_controller, "search_alg", None), "is_finished", None)
+    return finished is None or not finished()
 
 
 __all__ = ["ResumingFIFO", "StratifiedASHA", "TrialScheduler", "TUNE_EPOCH"]

@@ -19,8 +19,9 @@ Cells: every scientific cell of the space is enqueued ``per_cell`` times (``enqu
 partial parameters) before the sampler may exploit, in rounds: each cell once in ``Space.cells``
 order (both ends of the front first, then between), then each cell again, and so on. A first round
 gives every cell an answer early, and each cell's second trial is sampled knowing all of the first
-round (bench/search.py, 21 seeds, rounds against a cell's trials together: median 30 against 34
-summed epochs to the target with ASHA by cell, 22 against 30 with ``--scheduler asha-pareto``).
+round (bench/search.py, 21 seeds, rounds against a cell's trials together, measured before the
+default scheduler paused dominated trials: median 30 against 34 summed epochs to the target with
+ASHA by cell, ``--scheduler asha-cells`` now; 22 against 30 with ``--scheduler asha-pareto``).
 ``CellwiseSampler`` tunes nuisance settings within each cell (tuning_playbook: compare scientific
 values, each with its best nuisance settings), starting from what worked in the other cells until
 the cell has trials of its own.

@@ -89,14 +89,17 @@ class KeepTellingLimiter(ConcurrencyLimiter):
         """Trials the scheduler paused (search/schedulers.py ``defer``): they hold no slot."""
         return self.__dict__.setdefault("_paused", set())  # also in a limiter pickled by an older EchoTune
 
-    def on_pause(self, trial_id: str):
-        """A trial the scheduler deferred gives its slot to the next trial until it resumes."""
+    def release_slot(self, trial_id: str, force: bool = False):
+        """A trial the scheduler paused gives its slot to the next trial until it resumes
+        (``force``: a paused trial restored after a kill, whether or not it held one)."""
         if trial_id in self.live_trials:
             self.live_trials.remove(trial_id)
             self.num_unfinished_live_trials -= 1
             self.paused.add(trial_id)
+        elif force:
+            self.paused.add(trial_id)
 
-    def on_unpause(self, trial_id: str) -> bool:
+    def take_slot(self, trial_id: str) -> bool:
         """Take a slot back for a paused trial; False while every slot is taken."""
         if trial_id in self.paused:
             if len(self.live_trials) >= self.max_concurrent:

@@ -164,17 +164,24 @@ def paused_trials(folder: Path) -> dict:
 def test_a_kill_at_any_moment_loses_nothing(tmp_path, when):
     folder, log = tmp_path / "k", tmp_path / "first.log"
     kill_when(search(tmp_path, "k"), log, moment(when, folder, log))
+    paused, started = paused_trials(folder), set(results(folder))
     second = subprocess.run(search(tmp_path, "k", "--resume"), capture_output=True, text=True, timeout=600, env=env())
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert MESSAGE[WHEN[when]] in second.stdout
     assert_every_trial_once(folder, 4)
+    res = results(folder)
+    fresh = [rows[0]["timestamp"] for tid, rows in res.items() if tid not in started]
+    for tid, pause in paused.items():  # still last after the resume, not restarted first
+        assert len(res[tid]) == MAX_T and fresh and res[tid][pause["epoch"]]["timestamp"] >= max(fresh), tid
 
 
 def test_a_dominated_trial_is_paused_and_finishes_last_with_every_epoch_once(tmp_path):
     """The default scheduler pauses a trial that a cheaper trial of another cell dominates at ASHA's
     second rung, and resumes it once every other trial has started: its Train run goes on from its
     checkpoint and every epoch reaches Tune, the study and TensorBoard once (assert_every_trial_once)."""
-    proc = subprocess.run(search(tmp_path, "d"), capture_output=True, text=True, timeout=600, env=env())
+    # one trial at a time (as on a 2-core machine anyway): with all four at once nothing would wait
+    proc = subprocess.run(search(tmp_path, "d", "--max-concurrent", "1"), capture_output=True, text=True,
+                          timeout=600, env=env())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     folder = tmp_path / "d"
     deferred = json.loads((folder / "scheduler.json").read_text())["deferred"]
@@ -186,10 +193,11 @@ def test_a_dominated_trial_is_paused_and_finishes_last_with_every_epoch_once(tmp
     for tid, pause in deferred.items():
         assert pause["epoch"] == 2 and pause["by"] in res
         assert [r["epoch"] for r in res[tid]] == [1, 2, 3]  # paused, not stopped: it ran all its epochs
+        assert res[tid][2]["run_first_epoch"] == 3  # its Train run went on from the epoch-2 checkpoint
         assert res[tid][pause["epoch"]]["timestamp"] >= max(first_results)  # resumed after the others started
         assert rows[tid]["state"] == "COMPLETE" and f"paused at epoch 2 as dominated by trial {pause['by']}" in \
             rows[tid]["reason"]
-    assert f"({len(deferred)} paused as dominated, resumed last)" in proc.stdout
+    assert f"({len(deferred)} paused as dominated and resumed last)" in proc.stdout
 
 
 def csv_rows(path: Path) -> list[dict]:

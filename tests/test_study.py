@@ -449,12 +449,13 @@ def _controller(limiter, *trials):
 def _live(tid, status, **config):
     t = trial(tid, **config)
     t.status, t.PENDING, t.PAUSED = status, "PENDING", "PAUSED"
+    t.set_status = lambda new: setattr(t, "status", new)
     return t
 
 
-def defer_asha():  # --scheduler asha (the default)
+def defer_asha(max_t=4):  # --scheduler asha (the default)
     return StratifiedASHA(("n_unfrozen", "head"), cost="trainable_params", defer=True, time_attr="epoch",
-                          metric="err", mode="min", max_t=4, grace_period=1, reduction_factor=2)
+                          metric="err", mode="min", max_t=max_t, grace_period=1, reduction_factor=2)
 
 
 def test_a_dominated_trial_is_deferred_once_and_resumes_after_every_trial_not_yet_started(folder):
@@ -496,31 +497,86 @@ def test_a_dominated_trial_is_deferred_once_and_resumes_after_every_trial_not_ye
     assert limiter.searcher.told == ["next", "full"]  # the searcher hears of the resumed trial's end
     saved = json.loads((folder / journal.SCHEDULER_FILE).read_text())
     assert saved["deferred"] == sched.deferred
+
+
+def test_a_paused_trial_restored_after_a_kill_waits_paused_without_a_slot(folder):
+    """Tune requeues every unfinished trial PENDING on --resume: a paused one would then start
+    first and outside the concurrency limit."""
+    from search.tuner import KeepTellingLimiter
+
+    first = defer_asha()
+    frozen, full = _live("frozen", "RUNNING", n_unfrozen=0, head="mlp"), _live("full", "RUNNING", n_unfrozen="all",
+                                                                                head="mlp")
+    tc = _controller(KeepTellingLimiter(_Searcher(), max_concurrent=1), frozen, full,
+                     _live("next", "PENDING", n_unfrozen=1, head="mlp"))
+    for x in (frozen, full):
+        first.on_trial_add(tc, x)
+    for epoch, err in ((1, 5.0), (2, 4.0)):
+        first.on_trial_result(tc, frozen, {"epoch": epoch, "err": err, "trainable_params": 100})
+        assert first.on_trial_result(tc, full, {"epoch": epoch, "err": err + 1, "trainable_params": 900}) == \
+            (TrialScheduler.PAUSE if epoch == 2 else TrialScheduler.CONTINUE)
+    # killed; on --resume Tune unpickles a fresh scheduler and a limiter that still counts "full" live
+    limiter = KeepTellingLimiter(_Searcher(), max_concurrent=1)
+    limiter.suggest("full")
+    restored = _live("full", "PENDING", n_unfrozen="all", head="mlp")
+    restored.last_result = {"epoch": 2, "err": 5.0}
     again = defer_asha()
-    again.on_trial_add(tc, full)  # as on --resume: the deferral is remembered
-    assert again.deferred == sched.deferred
+    again.on_trial_add(_controller(limiter, restored), restored)
+    assert again.deferred == first.deferred and restored.status == "PAUSED"
+    assert restored.config["tune_epoch"] == 2 and limiter.live_trials == set() and limiter.paused == {"full"}
+    resumed = _live("gone_on", "PENDING", n_unfrozen="all", head="mlp")  # resumed before the kill: runs on
+    resumed.last_result = {"epoch": 3, "err": 4.0}
+    again.deferred["gone_on"] = {"epoch": 2, "by": "frozen", "err": 5.0}
+    again.on_trial_add(_controller(limiter, resumed), resumed)
+    assert resumed.status == "PENDING"
 
 
-def test_deferred_trials_resume_best_first_and_each_is_deferred_once(folder):
+def test_no_pause_when_no_trial_waits_to_start(folder):
+    """Pausing the last trials would only cost each a restart: nothing else could use the slot."""
     sched = defer_asha()
-    t = {name: _live(name, "RUNNING", n_unfrozen=k, head="mlp") for name, k in
-         (("frozen", 0), ("k1", 1), ("k2", 2), ("full", "all"))}
-    tc = _controller(None, *t.values())
+    frozen, full = _live("frozen", "TERMINATED", n_unfrozen=0, head="mlp"), _live("full", "RUNNING",
+                                                                                   n_unfrozen="all", head="mlp")
+    tc = SimpleNamespace(search_alg=SimpleNamespace(searcher=None, is_finished=lambda: True),
+                         get_trials=lambda: [frozen, full])
+    for x in (frozen, full):
+        sched.on_trial_add(tc, x)
+    for epoch, err in ((1, 5.0), (2, 4.0)):
+        sched.on_trial_result(tc, frozen, {"epoch": epoch, "err": err, "trainable_params": 100})
+        assert sched.on_trial_result(tc, full, {"epoch": epoch, "err": err + 1, "trainable_params": 900}) == \
+            TrialScheduler.CONTINUE
+    assert sched.deferred == {}
+
+
+def test_deferred_trials_resume_furthest_then_best_first_and_each_is_deferred_once(folder):
+    sched = defer_asha(max_t=8)  # rungs at epochs 1, 2 and 4
+    cost = {"frozen": 100, "k1": 200, "k2": 300, "full": 900, "late": 950}
+    t = {name: _live(name, "RUNNING", n_unfrozen=k, head=h) for name, k, h in
+         (("frozen", 0, "mlp"), ("k1", 1, "mlp"), ("k2", 2, "mlp"), ("full", "all", "mlp"), ("late", "all", "gcn"))}
+    tc = _controller(None, *t.values(), _live("waiting", "PENDING", n_unfrozen=0, head="gcn"))
     for x in t.values():
         sched.on_trial_add(tc, x)
-    decide = lambda name, epoch, err, params: sched.on_trial_result(  # noqa: E731
-        tc, t[name], {"epoch": epoch, "err": err, "trainable_params": params})
-    for name, params, err in (("frozen", 100, 3.0), ("k1", 200, 6.0), ("k2", 300, 4.0), ("full", 900, 5.0)):
-        decide(name, 1, 9.0, params)
-        assert decide(name, 2, err, params) == (TrialScheduler.CONTINUE if name == "frozen" else TrialScheduler.PAUSE)
-        t[name].status = "PAUSED" if name != "frozen" else "TERMINATED"
+    decide = lambda name, epoch, err: sched.on_trial_result(  # noqa: E731
+        tc, t[name], {"epoch": epoch, "err": err, "trainable_params": cost[name]})
+    for epoch, err in ((1, 9.0), (2, 3.0), (4, 2.0)):
+        decide("frozen", epoch, err)
+    for name, err in (("k1", 6.0), ("k2", 4.0), ("full", 5.0)):
+        decide(name, 1, 9.0)
+        assert decide(name, 2, err) == TrialScheduler.PAUSE
+        t[name].status = "PAUSED"
+    for epoch, err in ((1, 9.0), (2, 2.5)):
+        assert decide("late", epoch, err) == TrialScheduler.CONTINUE  # better than frozen at epoch 2
+    assert decide("late", 4, 7.0) == TrialScheduler.PAUSE  # dominated at the third rung
+    t["late"].status, t["frozen"].status = "PAUSED", "TERMINATED"
+    tc.get_trials = lambda: list(t.values())  # nothing waits to start any more
     order = []
     while (nxt := sched.choose_trial_to_run(tc)) is not None:
         order.append(nxt.trial_id)
         nxt.status = "RUNNING"
-        assert decide(nxt.trial_id, 3, 9.9, {"k1": 200, "k2": 300, "full": 900}[nxt.trial_id]) == \
-            TrialScheduler.CONTINUE  # dominated again, but deferred once only
-    assert order == ["k2", "full", "k1"]  # the lowest error at its pause first (ASHA's promotion order)
+        if nxt.trial_id != "late":
+            decide(nxt.trial_id, 3, 9.9)
+            assert decide(nxt.trial_id, 4, 9.9) == TrialScheduler.CONTINUE  # dominated again: deferred once only
+        nxt.status = "TERMINATED"
+    assert order == ["late", "k2", "full", "k1"]  # the furthest along first, then the lowest error at its rung
 
 
 def test_a_cheaper_or_better_trial_is_never_deferred(folder):
