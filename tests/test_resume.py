@@ -175,6 +175,8 @@ def test_a_kill_at_any_moment_loses_nothing(tmp_path, when):
         assert len(res[tid]) == MAX_T and fresh and res[tid][pause["epoch"]]["timestamp"] >= max(fresh), tid
 
 
+# slow (~65 s): `make test-all`; the after_result kill test above pauses and resumes a trial too
+@pytest.mark.slow
 def test_a_dominated_trial_is_paused_and_finishes_last_with_every_epoch_once(tmp_path):
     """The default scheduler pauses a trial that a cheaper trial of another cell dominates at ASHA's
     second rung, and resumes it once every other trial has started: its Train run goes on from its
@@ -193,7 +195,9 @@ def test_a_dominated_trial_is_paused_and_finishes_last_with_every_epoch_once(tmp
     for tid, pause in deferred.items():
         assert pause["epoch"] == 2 and pause["by"] in res
         assert [r["epoch"] for r in res[tid]] == [1, 2, 3]  # paused, not stopped: it ran all its epochs
-        assert res[tid][2]["run_first_epoch"] == 3  # its Train run went on from the epoch-2 checkpoint
+        # its Train run went on from the epoch-2 checkpoint, or (a slow pause) the paused run had
+        # finished epoch 3 before it was stopped and the restart only reported it: never from scratch
+        assert res[tid][2]["run_first_epoch"] == 3 or res[tid][2].get("replayed") == 1, res[tid][2]
         assert res[tid][pause["epoch"]]["timestamp"] >= max(first_results)  # resumed after the others started
         assert rows[tid]["state"] == "COMPLETE" and f"paused at epoch 2 as dominated by trial {pause['by']}" in \
             rows[tid]["reason"]
