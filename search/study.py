@@ -298,8 +298,26 @@ class TruthfulOptunaSearch(OptunaSearch):
             # (search.tuner.check_tune_state refused a cut experiment state before Tune got here, so
             # the trials Tune recorded are known; else every tagged trial counts as recorded.)
             state = self._state_from_study(_recorded_trials(Path(checkpoint_path).parent))
+        else:
+            state = self._only_recorded(state, _recorded_trials(Path(checkpoint_path).parent))
         self.__dict__.update(state)
         self.attach(journal.folder())
+
+    @staticmethod
+    def _only_recorded(state: dict, recorded: set[str] | None) -> dict:
+        """Forget the Tune trials that Tune's own snapshot lacks: Tune writes this file and its
+        experiment state one after the other, and a kill in between (seen when a trial was paused
+        and the next one suggested at once) left a suggested trial that Tune never ran, its study
+        trial RUNNING for ever. Forgotten, its study trial is an orphan and runs again."""
+        trials = state.get("_ot_trials", {})
+        unknown = set(trials) - recorded if recorded is not None else set()
+        if not unknown:
+            return state
+        log.warning("Tune's experiment state lacks trials %s that the searcher's state has (a kill between "
+                    "the two files); their study trials are run again", sorted(unknown))
+        return state | {"_ot_trials": {k: v for k, v in trials.items() if k not in unknown},
+                        "_errored": {k: v for k, v in state.get("_errored", {}).items() if k not in unknown},
+                        "_failed_errors": set(state.get("_failed_errors", set())) - unknown}
 
     def _state_from_study(self, recorded: set[str] | None) -> dict:
         """What ``save`` would have held, from the study in ``journal.folder()``: Tune trial -> study

@@ -247,6 +247,26 @@ def test_a_searcher_state_cut_by_a_kill_is_rebuilt_from_the_study_and_tunes_own_
     assert by_id["done"].value == 5.0
 
 
+def test_a_trial_in_the_searcher_state_but_not_in_tunes_is_run_again(folder, tmp_path):
+    """Tune writes searcher-state and experiment_state one after the other; a kill in between left
+    a suggested trial Tune never ran, RUNNING in the study for ever (seen in the S3 resume test)."""
+    from ray.tune.experiment import Trial
+
+    s = searcher(folder)
+    s.suggest("a")
+    late = s.suggest("b")
+    tune = tmp_path / "driver_artifacts"
+    tune.mkdir()
+    s.save(str(tune / "searcher-state-x.pkl"))  # knows a and b ...
+    (tune / "experiment_state-x.json").write_text(json.dumps(  # ... Tune's own snapshot only a
+        {"trial_data": [Trial("t", trial_id="a", stub=True).get_json_state()]}))
+    restored = searcher(folder, enqueue=False)
+    restored.restore(str(tune / "searcher-state-x.pkl"))
+    assert set(restored._ot_trials) == {"a"} and restored._orphans == [late["study_trial"]]
+    again = restored.suggest("c")
+    assert again["study_trial"] == late["study_trial"]  # the study trial runs, under Tune's new id
+
+
 def test_multi_objective_best_trials_are_only_complete_ones(folder):
     s = searcher(folder, multi=True)
     for tid, err, epochs in (("full", 8.0, 3), ("early", 2.0, 1), ("other", 9.0, 3)):
