@@ -72,10 +72,14 @@ class ResumingFIFO(FIFOScheduler):
             trial.config["base"] = trial.config["base"] | {"storage": here.experiment}  # runs go where it is now
         if trial.trial_id in self.stopped:
             return  # about to be stopped again (choose_trial_to_run)
-        held = int((trial.last_result or {}).get(self.time_attr, 0) or 0)
+        held = self.held(trial)
         if held and getattr(trial, "storage", None) is not None:  # restored: its logs are in storage
             held = max(held, journal.restore_trial_logs(trial))
         trial.config[TUNE_EPOCH] = held
+
+    def held(self, trial) -> int:
+        """Epochs Tune holds for ``trial`` (its last result's ``time_attr``)."""
+        return int((trial.last_result or {}).get(self.time_attr, 0) or 0)
 
     def on_trial_result(self, tune_controller, trial, result) -> str:
         if self.non_finite(result):
@@ -195,7 +199,7 @@ class StratifiedASHA(ResumingFIFO):
             limiter = _limiter(tune_controller)
             if limiter is not None:
                 limiter.release_slot(trial.trial_id, force=True)
-        done = int((trial.last_result or {}).get(self.time_attr, 0) or 0)
+        done = self.held(trial)
         if trial.status == "TERMINATED" and trial.trial_id not in self.stopped and \
                 0 < done < self.asha_kwargs["max_t"]:
             # Restored as finished short of max_t: Tune recorded our stop, but the head that decided
@@ -238,7 +242,7 @@ class StratifiedASHA(ResumingFIFO):
     def _still_paused(self, trial) -> bool:
         """A deferred trial that has not run past its pause (Tune requeues it PENDING on resume)."""
         pause = self.deferred.get(trial.trial_id)
-        held = int((trial.last_result or {}).get(self.time_attr, 0) or 0)
+        held = self.held(trial)
         return pause is not None and held <= pause["epoch"] and trial.status in ("PENDING", "RUNNING", "PAUSED")
 
     def choose_trial_to_run(self, tune_controller):
@@ -254,7 +258,7 @@ class StratifiedASHA(ResumingFIFO):
         limiter = _limiter(tune_controller)  # a deferred trial resumes within the concurrency limit
         if limiter is not None and not limiter.take_slot(trial.trial_id):
             return None
-        trial.config[TUNE_EPOCH] = int((trial.last_result or {}).get(self.time_attr, 0) or 0)
+        trial.config[TUNE_EPOCH] = self.held(trial)
         return trial
 
     def _dominated_by(self, trial, result: dict, asha: AsyncHyperBandScheduler) -> str | None:
