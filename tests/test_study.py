@@ -267,6 +267,46 @@ def test_a_trial_in_the_searcher_state_but_not_in_tunes_is_run_again(folder, tmp
     assert again["study_trial"] == late["study_trial"]  # the study trial runs, under Tune's new id
 
 
+def test_a_restored_limiter_holds_slots_for_exactly_the_trials_tune_will_run(folder, tmp_path):
+    """Tune uploads its experiment state and the searcher's one after the other; resumed from a
+    newer searcher state, a trial suggested after Tune's snapshot held its slot for ever: with one
+    trial at a time, the resumed search waited for ever (CI, resume on a new head from S3). The
+    restore counts and holds slots for Tune's trials, and the lost trial's study trial runs again."""
+    from ray.tune.experiment import Trial
+
+    from search.tuner import KeepTellingLimiter, ReconcilingSearchGenerator
+
+    def generator(s):
+        g = ReconcilingSearchGenerator(KeepTellingLimiter(s, max_concurrent=1))
+        g._total_samples = 4
+        return g
+
+    first = generator(searcher(folder))
+    suggested = {}
+    for tid in ("done", "paused", "lost"):  # done ends, paused gives its slot to lost
+        suggested[tid] = first.searcher.suggest(tid)
+        assert suggested[tid] is not None
+        first._counter += 1
+        if tid == "done":
+            first.searcher.on_trial_complete("done", result(3, 5.0))
+        if tid == "paused":
+            first.searcher.release_slot("paused")
+    tune = tmp_path / "driver_artifacts"
+    tune.mkdir()
+    first.save_to_dir(str(tune), "x")
+    snapshot = []
+    for tid, status in (("done", "TERMINATED"), ("paused", "PAUSED")):  # Tune's snapshot: before lost
+        t = Trial("t", trial_id=tid, stub=True)
+        t.status = status
+        snapshot.append(t.get_json_state())
+    (tune / "experiment_state-x.json").write_text(json.dumps({"trial_data": snapshot}))
+    again = generator(searcher(folder, enqueue=False))
+    again.restore_from_dir(str(tune))
+    assert again._counter == 2 and again.searcher.live_trials == set() and again.searcher.paused == {"paused"}
+    suggestion = again.searcher.suggest("next")  # the slot is free again, for the lost study trial
+    assert suggestion is not None and suggestion["study_trial"] == suggested["lost"]["study_trial"]
+
+
 def test_multi_objective_best_trials_are_only_complete_ones(folder):
     s = searcher(folder, multi=True)
     for tid, err, epochs in (("full", 8.0, 3), ("early", 2.0, 1), ("other", 9.0, 3)):
@@ -708,6 +748,42 @@ def test_a_restored_trial_gets_its_logs_back_and_learns_how_many_epochs_tune_hol
     fresh = trial("y", n_unfrozen=0, head="mlp")
     sched.on_trial_add(None, fresh)
     assert fresh.config["tune_epoch"] == 0
+
+
+def _stored_trial(tmp_path, tid, epochs, **config):
+    """A restored trial whose storage holds result.json lines for ``epochs``."""
+    import pyarrow.fs
+
+    stored, local = tmp_path / "storage" / f"trial_{tid}", tmp_path / "staging" / f"trial_{tid}"
+    stored.mkdir(parents=True)
+    (stored / "result.json").write_text("".join(json.dumps({"epoch": e, "err": 9.0 - e}) + "\n" for e in epochs))
+    t = _live(tid, "PENDING", **config)
+    t.local_path = str(local)
+    t.init_local_path = lambda: local.mkdir(parents=True, exist_ok=True)
+    t.storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(stored))
+    return t
+
+
+def test_a_paused_trial_whose_logs_outran_tunes_snapshot_resumes_after_its_logged_epochs(folder, tmp_path):
+    """Tune's snapshot may hold no result of a trial whose stored logs (uploaded after it) hold
+    epochs: seen in CI on a new head from S3, the resumed trial reported epoch 1 again and its
+    TensorBoard curve read 1, 1, 2, 3. Both when Tune starts it and when the scheduler resumes it
+    from its pause, it is told the epochs its logs hold."""
+    from search.tuner import KeepTellingLimiter
+
+    sched = defer_asha()
+    sched.deferred["full"] = {"epoch": 2, "by": "frozen", "err": 5.0}
+    limiter = KeepTellingLimiter(_Searcher(), max_concurrent=1)
+    full = _stored_trial(tmp_path, "full", [1, 2], n_unfrozen="all", head="mlp")  # last_result: {}
+    fresh = _stored_trial(tmp_path, "fresh", [1], n_unfrozen=0, head="mlp")
+    tc = _controller(limiter, full, fresh)
+    for t in (full, fresh):
+        sched.on_trial_add(tc, t)
+    assert fresh.config["tune_epoch"] == 1 and fresh.status == "PENDING"
+    assert full.config["tune_epoch"] == 2 and full.status == "PAUSED"
+    fresh.status = "TERMINATED"
+    full.config["tune_epoch"] = 0  # whatever was set before: the resume recomputes it
+    assert sched.choose_trial_to_run(tc) is full and full.config["tune_epoch"] == 2
 
 
 def test_a_trial_stopped_for_nan_before_a_kill_is_failed_not_pruned_on_resume(folder):
