@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from ray.tune.search import ConcurrencyLimiter
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
 from search import journal
 from search.spaces import SpaceFn, get_space, params_of
@@ -115,6 +115,40 @@ class KeepTellingLimiter(ConcurrencyLimiter):
             return super().on_trial_complete(trial_id, result=result, error=error)
         return self.searcher.on_trial_complete(trial_id, result=result, error=error)
 
+    def reconcile(self, statuses: dict[str, str]) -> None:
+        """After a restore, hold slots for exactly the trials Tune will run (its snapshot's
+        unfinished ones, errored ones included: the search resumes them). The restored limiter state
+        may be newer than that snapshot: a trial suggested after it, which Tune never ran, held a
+        slot for ever (with one trial at a time, the resumed search waited for ever); or older: a
+        finished trial held one, a running one none."""
+        will_run = {tid for tid, status in statuses.items() if status != "TERMINATED"}
+        self.paused.intersection_update(will_run)
+        self.live_trials = will_run - self.paused
+        self.num_unfinished_live_trials = len(self.live_trials)
+
+
+class ReconcilingSearchGenerator(SearchGenerator):
+    """Tune's SearchGenerator, that squares the searcher state it restores with Tune's experiment
+    state: Tune writes them one after the other, and uploads to remote storage whatever the staging
+    folder holds when the previous upload ends, so the two may come from different moments."""
+
+    def restore_from_dir(self, dirpath: str):
+        super().restore_from_dir(dirpath)
+        from trainables.data.storage import open_fs
+
+        try:
+            statuses = trial_statuses_in(*open_fs(str(dirpath)))
+        except (OSError, ValueError, KeyError, IndexError, TypeError):
+            statuses = None  # check_tune_state refused a damaged one before Tune got here
+        if statuses is None:
+            return
+        if self._counter != len(statuses):
+            log.warning("the searcher's state counted %d trials, Tune's snapshot holds %d: the search goes on "
+                        "from Tune's", self._counter, len(statuses))
+        self._counter = len(statuses)  # each Tune trial was one suggestion; a lost one's study trial runs again
+        if hasattr(self.searcher, "reconcile"):
+            self.searcher.reconcile(statuses)
+
 
 def make_scheduler(settings: dict):
     from search.schedulers import ResumingFIFO, StratifiedASHA
@@ -197,7 +231,8 @@ def build_tuner(settings: dict, base: dict, folder: Path, cluster: dict, s3_endp
         remove_orphans(settings, s3_endpoint, known=set())
         searcher.attach(folder)
     limited = KeepTellingLimiter(searcher, max_concurrent=settings["max_concurrent"])
-    tune_config = tune.TuneConfig(search_alg=limited, scheduler=make_scheduler(settings),
+    tune_config = tune.TuneConfig(search_alg=ReconcilingSearchGenerator(limited),
+                                  scheduler=make_scheduler(settings),
                                   num_samples=settings["num_samples"], trial_dirname_creator=trial_dirname)
     return tune.Tuner(trainable(settings, cluster), tune_config=tune_config,
                       run_config=run_config(settings, s3_endpoint))
@@ -267,15 +302,21 @@ def known_trials(settings: dict, s3_endpoint: str | None) -> set[str] | None:
 def trial_ids_in(fs, base: str) -> set[str] | None:
     """Trial ids in the newest ``experiment_state-*.json`` in folder ``base`` of ``fs`` (None when
     there is none); a damaged file raises ValueError, KeyError or TypeError."""
+    statuses = trial_statuses_in(fs, base)
+    return None if statuses is None else set(statuses)
+
+
+def trial_statuses_in(fs, base: str) -> dict[str, str] | None:
+    """Trial id -> status in the newest ``experiment_state-*.json`` in folder ``base`` of ``fs``."""
     newest = newest_state_file(fs, base, "experiment_state-*.json")
     if newest is None:
         return None
     data = json.loads(fs.cat_file(newest))
-    ids = set()
+    statuses = {}
     for trial_json, _meta in data.get("trial_data", []):
         state = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
-        ids.add(state["trial_id"])
-    return ids
+        statuses[state["trial_id"]] = state.get("status", "PENDING")
+    return statuses
 
 
 def remove_orphans(settings: dict, s3_endpoint: str | None, known: set[str] | None = None) -> list[str]:
