@@ -227,9 +227,10 @@ def _complete_lines(data: bytes) -> bytes:
     return data[: end + 1] if end >= 0 else b""
 
 
-def restore_trial_logs(trial) -> int:
+def restore_trial_logs(trial) -> dict:
     """Before a restarted trial runs again: put the result.json / progress.csv it already has in
-    storage back into its (new) local folder, and return the last epoch they hold.
+    storage back into its (new) local folder, and return the result of the last epoch they hold
+    (empty when they hold none).
 
     Tune restores a trial's logs only when it has a Tune checkpoint (ray.tune.logger._restore_from_
     remote); our trials keep their state in the Train run instead, so without this the restarted
@@ -238,7 +239,7 @@ def restore_trial_logs(trial) -> int:
     """
     trial.init_local_path()
     fs, remote = trial.storage.storage_filesystem, trial.storage.trial_fs_path
-    epoch = 0
+    last: dict = {}
     for name in ("result.json", "progress.csv"):
         local = Path(trial.local_path, name)
         if not (local.exists() and local.stat().st_size):
@@ -251,10 +252,12 @@ def restore_trial_logs(trial) -> int:
         if name == "result.json":
             for line in local.read_text().splitlines():
                 try:
-                    epoch = max(epoch, int(json.loads(line).get("epoch", 0)))
-                except (ValueError, AttributeError):
+                    row = json.loads(line)
+                    if int(row.get("epoch", 0)) > int(last.get("epoch", 0)):
+                        last = row
+                except (ValueError, AttributeError, TypeError):
                     continue
-    return epoch
+    return last
 
 
 class JournalCallback(Callback):

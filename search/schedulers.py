@@ -63,7 +63,6 @@ class ResumingFIFO(FIFOScheduler):
         self.stopped: dict[str, int] = {}  # trial id -> epoch of the stop (ASHA or non-finite)
         self.reasons: dict[str, str] = {}  # trial id -> why a non-finite trial was stopped
         self.n_non_finite = 0
-        self.logged: dict[str, int] = {}  # trial id -> last epoch of its logs restored from storage
         self._loaded = False
 
     def on_trial_add(self, tune_controller, trial):
@@ -73,19 +72,19 @@ class ResumingFIFO(FIFOScheduler):
             trial.config["base"] = trial.config["base"] | {"storage": here.experiment}  # runs go where it is now
         if trial.trial_id in self.stopped:
             return  # about to be stopped again (choose_trial_to_run)
-        self.__dict__.setdefault("logged", {})  # a scheduler pickled by an older EchoTune lacks it
         if getattr(trial, "storage", None) is not None:
             # A restored trial's logs may hold more epochs than Tune's snapshot, even when that holds
-            # none: the upload that follows a snapshot carries what was logged meanwhile. Counting
-            # only the snapshot's, a resumed trial logged its first epoch to TensorBoard twice.
-            self.logged[trial.trial_id] = journal.restore_trial_logs(trial)
+            # none: the upload that follows a snapshot carries what was logged meanwhile. Tune holds
+            # what its logs hold: counting only the snapshot's, a resumed trial logged its first epoch
+            # to TensorBoard twice, and one whose logs hold every epoch would end on a stale result.
+            logged = journal.restore_trial_logs(trial)
+            if int(logged.get(self.time_attr, 0) or 0) > self.held(trial):
+                trial.update_last_result(logged)
         trial.config[TUNE_EPOCH] = self.held(trial)
 
     def held(self, trial) -> int:
-        """Epochs Tune holds for ``trial``: its last result's ``time_attr``, or more where its logs
-        restored from storage hold more."""
-        last = int((trial.last_result or {}).get(self.time_attr, 0) or 0)
-        return max(last, self.__dict__.get("logged", {}).get(trial.trial_id, 0))
+        """Epochs Tune holds for ``trial`` (its last result's ``time_attr``)."""
+        return int((trial.last_result or {}).get(self.time_attr, 0) or 0)
 
     def on_trial_result(self, tune_controller, trial, result) -> str:
         if self.non_finite(result):

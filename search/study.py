@@ -299,7 +299,8 @@ class TruthfulOptunaSearch(OptunaSearch):
             # the trials Tune recorded are known; else every tagged trial counts as recorded.)
             state = self._state_from_study(_recorded_trials(Path(checkpoint_path).parent))
         else:
-            state = self._only_recorded(state, _recorded_trials(Path(checkpoint_path).parent))
+            recorded = _recorded_trials(Path(checkpoint_path).parent)
+            state = self._with_recorded(self._only_recorded(state, recorded), recorded)
         self.__dict__.update(state)
         self.attach(journal.folder())
 
@@ -318,6 +319,21 @@ class TruthfulOptunaSearch(OptunaSearch):
         return state | {"_ot_trials": {k: v for k, v in trials.items() if k not in unknown},
                         "_errored": {k: v for k, v in state.get("_errored", {}).items() if k not in unknown},
                         "_failed_errors": set(state.get("_failed_errors", set())) - unknown}
+
+    def _with_recorded(self, state: dict, recorded: set[str] | None) -> dict:
+        """Add the Tune trials that Tune's own snapshot has and this state lacks: the state can also
+        be the older of the two files. Unknown, such a trial's results were dropped and its study
+        trial handed to the next suggestion as an orphan (trained twice, one trial never run). Each
+        is found by its tag, which ``suggest`` writes to the study before Tune can record it."""
+        missing = (recorded or set()) - set(state.get("_ot_trials", {}))
+        if not missing:
+            return state
+        log.warning("the searcher's state lacks trials %s of Tune's experiment state (saved before them); "
+                    "they are taken from the study", sorted(missing))
+        found = self._state_from_study(missing)
+        return state | {"_ot_trials": state.get("_ot_trials", {}) | found["_ot_trials"],
+                        "_errored": state.get("_errored", {}) | found["_errored"],
+                        "_failed_errors": set(state.get("_failed_errors", set())) | found["_failed_errors"]}
 
     def _state_from_study(self, recorded: set[str] | None) -> dict:
         """What ``save`` would have held, from the study in ``journal.folder()``: Tune trial -> study

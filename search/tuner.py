@@ -120,10 +120,10 @@ class KeepTellingLimiter(ConcurrencyLimiter):
         unfinished ones, errored ones included: the search resumes them). The restored limiter state
         may be newer than that snapshot: a trial suggested after it, which Tune never ran, held a
         slot for ever (with one trial at a time, the resumed search waited for ever); or older: a
-        finished trial held one, a running one none."""
-        will_run = {tid for tid, status in statuses.items() if status != "TERMINATED"}
-        self.paused.intersection_update(will_run)
-        self.live_trials = will_run - self.paused
+        finished trial held one, a running one none. Tune requeues every unfinished trial to run,
+        paused ones too; the scheduler pauses again those still paused (``release_slot``)."""
+        self.paused.clear()
+        self.live_trials = {tid for tid, status in statuses.items() if status != "TERMINATED"}
         self.num_unfinished_live_trials = len(self.live_trials)
 
 
@@ -260,8 +260,19 @@ def restore_tuner(settings: dict, cluster: dict, s3_endpoint: str | None):
     path, fs = tune_path(settings, s3_endpoint)
     check_tune_state(settings, s3_endpoint)
     remove_orphans(settings, s3_endpoint)
-    return tune.Tuner.restore(path, trainable(settings, cluster), resume_unfinished=True, resume_errored=True,
-                              storage_filesystem=fs)
+    tuner = tune.Tuner.restore(path, trainable(settings, cluster), resume_unfinished=True, resume_errored=True,
+                               storage_filesystem=fs)
+    reconciling(tuner)
+    return tuner
+
+
+def reconciling(tuner) -> None:
+    """An experiment started by an EchoTune older than ReconcilingSearchGenerator pickled the bare
+    limiter, which Tune would wrap in its own generator: wrap it in ours instead, so that its
+    resume cannot wait for ever either. (Tuner.restore offers no way to pass a search algorithm.)"""
+    config = getattr(getattr(tuner, "_local_tuner", None), "_tune_config", None)
+    if config is not None and isinstance(config.search_alg, KeepTellingLimiter):
+        config.search_alg = ReconcilingSearchGenerator(config.search_alg)
 
 
 def check_tune_state(settings: dict, s3_endpoint: str | None) -> None:

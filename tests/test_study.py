@@ -267,21 +267,33 @@ def test_a_trial_in_the_searcher_state_but_not_in_tunes_is_run_again(folder, tmp
     assert again["study_trial"] == late["study_trial"]  # the study trial runs, under Tune's new id
 
 
+def _generator(s, max_concurrent=1):
+    from search.tuner import KeepTellingLimiter, ReconcilingSearchGenerator
+
+    g = ReconcilingSearchGenerator(KeepTellingLimiter(s, max_concurrent=max_concurrent))
+    g._total_samples = 4
+    return g
+
+
+def _tune_snapshot(folder: Path, statuses: dict[str, str]) -> None:
+    """An experiment_state file in ``folder`` in Tune's format, holding ``statuses``' trials."""
+    from ray.tune.experiment import Trial
+
+    snapshot = []
+    for tid, status in statuses.items():
+        t = Trial("t", trial_id=tid, stub=True)
+        t.status = status
+        snapshot.append(t.get_json_state())
+    (folder / "experiment_state-x.json").write_text(json.dumps({"trial_data": snapshot}))
+
+
 def test_a_restored_limiter_holds_slots_for_exactly_the_trials_tune_will_run(folder, tmp_path):
     """Tune uploads its experiment state and the searcher's one after the other; resumed from a
     newer searcher state, a trial suggested after Tune's snapshot held its slot for ever: with one
     trial at a time, the resumed search waited for ever (CI, resume on a new head from S3). The
-    restore counts and holds slots for Tune's trials, and the lost trial's study trial runs again."""
-    from ray.tune.experiment import Trial
-
-    from search.tuner import KeepTellingLimiter, ReconcilingSearchGenerator
-
-    def generator(s):
-        g = ReconcilingSearchGenerator(KeepTellingLimiter(s, max_concurrent=1))
-        g._total_samples = 4
-        return g
-
-    first = generator(searcher(folder))
+    restore counts and holds slots for Tune's trials, the paused one is paused again by the
+    scheduler, and the lost trial's study trial runs again."""
+    first = _generator(searcher(folder))
     suggested = {}
     for tid in ("done", "paused", "lost"):  # done ends, paused gives its slot to lost
         suggested[tid] = first.searcher.suggest(tid)
@@ -294,17 +306,61 @@ def test_a_restored_limiter_holds_slots_for_exactly_the_trials_tune_will_run(fol
     tune = tmp_path / "driver_artifacts"
     tune.mkdir()
     first.save_to_dir(str(tune), "x")
-    snapshot = []
-    for tid, status in (("done", "TERMINATED"), ("paused", "PAUSED")):  # Tune's snapshot: before lost
-        t = Trial("t", trial_id=tid, stub=True)
-        t.status = status
-        snapshot.append(t.get_json_state())
-    (tune / "experiment_state-x.json").write_text(json.dumps({"trial_data": snapshot}))
-    again = generator(searcher(folder, enqueue=False))
+    _tune_snapshot(tune, {"done": "TERMINATED", "paused": "PAUSED"})  # Tune's snapshot: before lost
+    again = _generator(searcher(folder, enqueue=False))
     again.restore_from_dir(str(tune))
-    assert again._counter == 2 and again.searcher.live_trials == set() and again.searcher.paused == {"paused"}
-    suggestion = again.searcher.suggest("next")  # the slot is free again, for the lost study trial
+    limiter = again.searcher
+    assert again._counter == 2 and limiter.live_trials == {"paused"} and limiter.paused == set()
+    sched = defer_asha()  # Tune requeues the paused trial PENDING; the scheduler pauses it again
+    sched.deferred["paused"] = {"epoch": 2, "by": "done", "err": 5.0}
+    restored = _live("paused", "PENDING", n_unfrozen="all", head="mlp")
+    restored.last_result = {"epoch": 2, "err": 5.0}
+    sched.on_trial_add(_controller(limiter, restored), restored)
+    assert restored.status == "PAUSED" and limiter.live_trials == set() and limiter.paused == {"paused"}
+    suggestion = limiter.suggest("next")  # the slot is free again, for the lost study trial
     assert suggestion is not None and suggestion["study_trial"] == suggested["lost"]["study_trial"]
+
+
+def test_a_restored_limiter_older_than_tunes_snapshot_holds_slots_for_its_running_trials(folder, tmp_path):
+    """The other way round: a trial that ended since the limiter's state frees its slot, and the
+    running and errored ones (--resume runs errored trials again) hold one; a trial still paused
+    in the limiter's state but not in the scheduler's runs with a slot."""
+    first = _generator(searcher(folder), max_concurrent=4)
+    for tid in ("ended", "paused"):
+        first.searcher.suggest(tid)
+    first.searcher.release_slot("paused")
+    tune = tmp_path / "driver_artifacts"
+    tune.mkdir()
+    first.save_to_dir(str(tune), "x")
+    _tune_snapshot(tune, {"ended": "TERMINATED", "paused": "PENDING", "running": "RUNNING", "errored": "ERROR"})
+    again = _generator(searcher(folder, enqueue=False), max_concurrent=4)
+    again.restore_from_dir(str(tune))
+    assert again.searcher.live_trials == {"paused", "running", "errored"} and again.searcher.paused == set()
+    assert again.searcher.num_unfinished_live_trials == 3 and again._counter == 4
+
+
+def test_a_searcher_state_older_than_tunes_snapshot_keeps_the_trials_only_tune_recorded(folder, tmp_path):
+    """Tune's snapshot may be the newer file: a trial it holds, unknown to the restored searcher,
+    had its results dropped and its study trial trained again under the next suggestion, while an
+    enqueued cell never ran. The trial is found in the study by its tag."""
+    first = _generator(searcher(folder), max_concurrent=4)
+    first.searcher.suggest("done")
+    first.searcher.on_trial_complete("done", result(3, 5.0))
+    tune = tmp_path / "driver_artifacts"
+    tune.mkdir()
+    first.save_to_dir(str(tune), "x")  # the searcher's state, before "late" ...
+    late = first.searcher.suggest("late")
+    _tune_snapshot(tune, {"done": "TERMINATED", "late": "RUNNING"})  # ... Tune's snapshot, after
+    again = _generator(searcher(folder, enqueue=False), max_concurrent=4)
+    again.restore_from_dir(str(tune))
+    assert again.searcher.searcher._orphans == []
+    again.searcher.on_trial_result("late", result(1, 6.0))
+    again.searcher.on_trial_complete("late", result(3, 4.0))
+    nxt = again.searcher.suggest("next")
+    assert nxt["study_trial"] != late["study_trial"]
+    by_number = {t.number: t for t in study(folder).trials}
+    assert by_number[late["study_trial"]].state.name == "COMPLETE" and by_number[late["study_trial"]].value == 4.0
+    assert by_number[late["study_trial"]].user_attrs["tune_trial_id"] == "late"
 
 
 def test_multi_objective_best_trials_are_only_complete_ones(folder):
@@ -741,6 +797,7 @@ def test_a_restored_trial_gets_its_logs_back_and_learns_how_many_epochs_tune_hol
     x.local_path = str(local)
     x.init_local_path = lambda: local.mkdir(parents=True, exist_ok=True)
     x.storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(stored))
+    x.update_last_result = lambda r: setattr(x, "last_result", r)
     sched = asha()
     sched.on_trial_add(None, x)
     assert x.config["tune_epoch"] == 3
@@ -761,6 +818,7 @@ def _stored_trial(tmp_path, tid, epochs, **config):
     t.local_path = str(local)
     t.init_local_path = lambda: local.mkdir(parents=True, exist_ok=True)
     t.storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(stored))
+    t.update_last_result = lambda r: setattr(t, "last_result", r)
     return t
 
 
@@ -781,9 +839,15 @@ def test_a_paused_trial_whose_logs_outran_tunes_snapshot_resumes_after_its_logge
         sched.on_trial_add(tc, t)
     assert fresh.config["tune_epoch"] == 1 and fresh.status == "PENDING"
     assert full.config["tune_epoch"] == 2 and full.status == "PAUSED"
+    assert full.last_result["epoch"] == 2  # Tune holds what the logs hold
     fresh.status = "TERMINATED"
     full.config["tune_epoch"] = 0  # whatever was set before: the resume recomputes it
     assert sched.choose_trial_to_run(tc) is full and full.config["tune_epoch"] == 2
+    # logs holding every epoch: the trial has nothing left to report and ends on its logged result
+    # (not on a stale or empty one: the study would be told PRUNED, or get no metric at all)
+    ended = _stored_trial(tmp_path, "ended", [1, 2, 3, 4], n_unfrozen=1, head="mlp")
+    sched.on_trial_add(tc, ended)
+    assert ended.config["tune_epoch"] == 4 and ended.last_result == {"epoch": 4, "err": 5.0}
 
 
 def test_a_trial_stopped_for_nan_before_a_kill_is_failed_not_pruned_on_resume(folder):
@@ -930,3 +994,19 @@ def test_a_resume_from_a_cut_tune_state_file_is_refused_naming_it(tmp_path, cut)
     with pytest.raises(ValueError) as err:
         check_tune_state(settings, None)
     assert f"{cut}-2026-12-06_00-00-00.json is cut or damaged" in str(err.value) and "new --name" in str(err.value)
+
+
+def test_an_experiment_pickled_with_the_bare_limiter_resumes_with_the_reconciling_generator(folder):
+    """An experiment started before ReconcilingSearchGenerator holds the bare limiter in its
+    tuner.pkl; Tune would wrap it in its own generator, which could wait for ever on a resume."""
+    from ray import tune
+
+    from search.tuner import KeepTellingLimiter, ReconcilingSearchGenerator, reconciling
+
+    limiter = KeepTellingLimiter(_Searcher(), max_concurrent=1)
+    old = tune.Tuner(lambda config: None, tune_config=tune.TuneConfig(search_alg=limiter, num_samples=2))
+    reconciling(old)
+    alg = old._local_tuner._tune_config.search_alg
+    assert isinstance(alg, ReconcilingSearchGenerator) and alg.searcher is limiter
+    reconciling(old)  # a new experiment's is left as it is
+    assert old._local_tuner._tune_config.search_alg is alg
