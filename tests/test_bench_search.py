@@ -79,7 +79,7 @@ def ray_instance():
 
 
 def test_every_strategy_replays_through_the_real_tuner(ray_instance, tmp_path):
-    """4 cells (k in {0, all} x head), 2 configs each; 1 trial per cell; 2 seeds."""
+    """4 cells (k in {0, all} x head), 2 configs each; 1 trial per cell; 1 seed (bench/search.py runs 21)."""
     b = load_bench()
     from search import journal
     from search.spaces import SPACES
@@ -88,7 +88,7 @@ def test_every_strategy_replays_through_the_real_tuner(ray_instance, tmp_path):
     E = curves.epochs
     assert len(curves.keys) == 8 and len(curves.cells()) == 4
     before = dict(journal._STATE)
-    results = b.replay(curves, seeds=[0, 1], per_cell=1, workdir=tmp_path)
+    results = b.replay(curves, seeds=[0], per_cell=1, workdir=tmp_path)
     for seed_runs in zip(*results.values()):
         echotune, cells, pareto, asha_tpe, random_search, grid = seed_runs
         for r in seed_runs:

@@ -169,19 +169,19 @@ def results_by_trial(folder: Path) -> dict[str, list[dict]]:
 
 
 def test_search_end_to_end(search_data, s3_endpoint, tmp_path):
-    proc = subprocess.run(search_cmd(search_data, s3_endpoint, tmp_path, "e2e", "--num-samples", "6"),
+    proc = subprocess.run(search_cmd(search_data, s3_endpoint, tmp_path, "e2e", "--num-samples", "5"),
                           capture_output=True, text=True, timeout=900, env=env())
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     out = proc.stdout
     folder = tmp_path / "e2e"
     assert f"experiment folder: {folder}" in out and f"tensorboard --logdir {folder}" in out
-    assert "budget: 4 cells (n_unfrozen x head) x 1 trial(s) each, then 2 chosen by the sampler" in out
+    assert "budget: 4 cells (n_unfrozen x head) x 1 trial(s) each, then 1 chosen by the sampler" in out
 
     pareto = subprocess.run([sys.executable, "-m", "search.pareto", str(folder), "--evaluate-test"],
                             capture_output=True, text=True, timeout=300, env=env())
     assert pareto.returncode == 0, pareto.stderr
     rows = trial_rows(folder)
-    assert len(rows) == 6 and len({r["trial_id"] for r in rows}) == 6
+    assert len(rows) == 5 and len({r["trial_id"] for r in rows}) == 5
     # Every cell of the smoke grid was tried, and the study tells what happened to each trial.
     cells = {(r["n_unfrozen"], r["head"]) for r in rows}
     assert cells == {("0", "mlp"), ("0", "gcn"), ("all", "mlp"), ("all", "gcn")}
@@ -211,13 +211,13 @@ def test_search_end_to_end(search_data, s3_endpoint, tmp_path):
     with (folder / "regimes.csv").open() as f:
         regimes = list(csv.DictReader(f))
     assert {(r["n_unfrozen"], r["head"]) for r in regimes} == cells and len(regimes) == 4
-    assert sum(int(r["trials"]) for r in regimes) == 6
+    assert sum(int(r["trials"]) for r in regimes) == 5
     assert "| tiny |" in (folder / "regimes.md").read_text()
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     trial_dirs = sorted(folder.glob("trial_*"))
-    assert len(trial_dirs) == 6
+    assert len(trial_dirs) == 5
     for d in trial_dirs:
         acc = EventAccumulator(str(d))
         acc.Reload()
