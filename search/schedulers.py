@@ -70,16 +70,17 @@ class ResumingFIFO(FIFOScheduler):
         here = journal.active()
         if here is not None and isinstance(trial.config.get("base"), dict):  # a moved experiment: Train
             trial.config["base"] = trial.config["base"] | {"storage": here.experiment}  # runs go where it is now
-        if trial.trial_id in self.stopped:
-            return  # about to be stopped again (choose_trial_to_run)
         if getattr(trial, "storage", None) is not None:
             # A restored trial's logs may hold more epochs than Tune's snapshot, even when that holds
             # none: the upload that follows a snapshot carries what was logged meanwhile. Tune holds
             # what its logs hold: counting only the snapshot's, a resumed trial logged its first epoch
             # to TensorBoard twice, and one whose logs hold every epoch would end on a stale result.
+            # (Stopped trials too: they end on their last result, and keep their stored logs.)
             logged = journal.restore_trial_logs(trial)
             if int(logged.get(self.time_attr, 0) or 0) > self.held(trial):
-                trial.update_last_result(logged)
+                trial.update_last_result(logged | {"config": dict(trial.config)})  # not the old head's
+        if trial.trial_id in self.stopped:
+            return  # about to be stopped again (choose_trial_to_run)
         trial.config[TUNE_EPOCH] = self.held(trial)
 
     def held(self, trial) -> int:
@@ -110,7 +111,7 @@ class ResumingFIFO(FIFOScheduler):
     def choose_trial_to_run(self, tune_controller):
         self._load()
         for trial in tune_controller.get_trials():
-            if trial.status == trial.PENDING and trial.trial_id in self.stopped:
+            if trial.status in (trial.PENDING, "PAUSED") and trial.trial_id in self.stopped:
                 searcher = journal.searcher()
                 if trial.trial_id in self.reasons and searcher is not None:  # FAIL, not PRUNED
                     searcher.fail(trial.trial_id, f"non-finite metric: {self.reasons[trial.trial_id]}")
@@ -245,10 +246,12 @@ class StratifiedASHA(ResumingFIFO):
         return TrialScheduler.PAUSE
 
     def _still_paused(self, trial) -> bool:
-        """A deferred trial that has not run past its pause (Tune requeues it PENDING on resume)."""
+        """A deferred trial that has not run past its pause (Tune requeues it PENDING on resume),
+        nor been stopped since (Tune's snapshot can lag the stop by whole epochs)."""
         pause = self.deferred.get(trial.trial_id)
         held = self.held(trial)
-        return pause is not None and held <= pause["epoch"] and trial.status in ("PENDING", "RUNNING", "PAUSED")
+        return pause is not None and held <= pause["epoch"] and trial.trial_id not in self.stopped and \
+            trial.status in ("PENDING", "RUNNING", "PAUSED")
 
     def choose_trial_to_run(self, tune_controller):
         """Trials not yet started first (FIFO); then the deferred trials, the furthest along first

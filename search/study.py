@@ -326,11 +326,13 @@ class TruthfulOptunaSearch(OptunaSearch):
         trial handed to the next suggestion as an orphan (trained twice, one trial never run). Each
         is found by its tag, which ``suggest`` writes to the study before Tune can record it."""
         missing = (recorded or set()) - set(state.get("_ot_trials", {}))
-        if not missing:
-            return state
-        log.warning("the searcher's state lacks trials %s of Tune's experiment state (saved before them); "
-                    "they are taken from the study", sorted(missing))
+        if not missing or not (journal.folder() / journal.STUDY_FILE).is_file():
+            return state  # (attach refuses a lost study, naming it)
         found = self._state_from_study(missing)
+        lost = sorted(missing - set(found["_ot_trials"]))
+        log.warning("the searcher's state lacks trials %s of Tune's experiment state (saved before them); "
+                    "they are taken from the study%s", sorted(missing),
+                    f", except {lost}, which it lacks too" if lost else "")
         return state | {"_ot_trials": state.get("_ot_trials", {}) | found["_ot_trials"],
                         "_errored": state.get("_errored", {}) | found["_errored"],
                         "_failed_errors": set(state.get("_failed_errors", set())) | found["_failed_errors"]}

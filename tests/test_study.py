@@ -847,7 +847,8 @@ def test_a_paused_trial_whose_logs_outran_tunes_snapshot_resumes_after_its_logge
     # (not on a stale or empty one: the study would be told PRUNED, or get no metric at all)
     ended = _stored_trial(tmp_path, "ended", [1, 2, 3, 4], n_unfrozen=1, head="mlp")
     sched.on_trial_add(tc, ended)
-    assert ended.config["tune_epoch"] == 4 and ended.last_result == {"epoch": 4, "err": 5.0}
+    assert ended.config["tune_epoch"] == 4 and (ended.last_result["epoch"], ended.last_result["err"]) == (4, 5.0)
+    assert ended.last_result["config"]["n_unfrozen"] == 1  # this head's config, not the logged one
 
 
 def test_a_trial_stopped_for_nan_before_a_kill_is_failed_not_pruned_on_resume(folder):
@@ -1010,3 +1011,28 @@ def test_an_experiment_pickled_with_the_bare_limiter_resumes_with_the_reconcilin
     assert isinstance(alg, ReconcilingSearchGenerator) and alg.searcher is limiter
     reconciling(old)  # a new experiment's is left as it is
     assert old._local_tuner._tune_config.search_alg is alg
+
+
+def test_a_stopped_trial_once_paused_is_stopped_again_on_resume_not_paused(folder):
+    """Deferred at epoch 2, resumed, then stopped by its cell's ASHA at epoch 4: Tune's snapshot can
+    lag the stop and hold the trial at epoch 2. It must be stopped again, not paused again and then
+    resumed to train to max_t."""
+    from search.tuner import KeepTellingLimiter
+
+    sched = defer_asha(max_t=8)
+    sched.deferred["t"] = {"epoch": 2, "by": "frozen", "err": 5.0}
+    sched.stopped["t"] = 4
+    limiter = KeepTellingLimiter(_Searcher(), max_concurrent=1)
+    t = _live("t", "PENDING", n_unfrozen="all", head="mlp")
+    t.last_result = {"epoch": 2, "err": 5.0}
+    stopped = []
+    tc = SimpleNamespace(search_alg=SimpleNamespace(searcher=limiter), get_trials=lambda: [t],
+                         stop_trial=lambda x: stopped.append(x.trial_id))
+    sched.on_trial_add(tc, t)
+    assert t.status == "PENDING" and limiter.paused == set()
+    sched.choose_trial_to_run(tc)
+    assert stopped == ["t"]
+    t.status = "PAUSED"  # paused again by an older EchoTune before this resume: stopped all the same
+    stopped.clear()
+    sched.choose_trial_to_run(tc)
+    assert stopped == ["t"]
