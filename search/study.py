@@ -237,13 +237,10 @@ def make_sampler(name: str, seed: int, *, scientific: tuple[str, ...], per_cell:
 def _recorded_trials(folder: Path) -> set[str] | None:
     """The trial ids in Tune's newest experiment state file in local ``folder``; None if there is
     none or it cannot be read."""
-    from search.tuner import trial_ids_in
-    from trainables.data.storage import open_fs
+    from search.tuner import recorded_statuses
 
-    try:
-        return trial_ids_in(*open_fs(str(folder)))
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return None
+    statuses = recorded_statuses(folder)
+    return None if statuses is None else set(statuses)
 
 
 # ---------------------------------------------------------------------------------------------

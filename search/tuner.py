@@ -134,12 +134,7 @@ class ReconcilingSearchGenerator(SearchGenerator):
 
     def restore_from_dir(self, dirpath: str):
         super().restore_from_dir(dirpath)
-        from trainables.data.storage import open_fs
-
-        try:
-            statuses = trial_statuses_in(*open_fs(str(dirpath)))
-        except (OSError, ValueError, KeyError, IndexError, TypeError):
-            statuses = None  # check_tune_state refused a damaged one before Tune got here
+        statuses = recorded_statuses(dirpath)  # (check_tune_state refused a damaged one before Tune got here)
         if statuses is None:
             return
         if self._counter != len(statuses):
@@ -328,6 +323,15 @@ def trial_statuses_in(fs, base: str) -> dict[str, str] | None:
         state = json.loads(trial_json) if isinstance(trial_json, str) else trial_json
         statuses[state["trial_id"]] = state.get("status", "PENDING")
     return statuses
+
+
+def recorded_statuses(folder) -> dict[str, str] | None:
+    """Trial id -> status in Tune's newest experiment state in local ``folder``; None if there is
+    none or it cannot be read."""
+    try:
+        return trial_statuses_in(*store.open_fs(str(folder)))
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
 
 
 def remove_orphans(settings: dict, s3_endpoint: str | None, known: set[str] | None = None) -> list[str]:

@@ -66,10 +66,16 @@ def lines(folder: Path) -> int:
     return sum(len(r) for r in results(folder).values())
 
 
+def start(cmd, log: Path, cwd=None, **env_extra) -> subprocess.Popen:
+    """Start a search in its own session (to kill it with everything it starts), output in ``log``."""
+    with log.open("w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env(**env_extra),
+                                start_new_session=True, cwd=cwd)
+
+
 def kill_when(cmd, log: Path, ready, timeout=300, cwd=None, **env_extra) -> None:
     """Start ``cmd``, kill -9 its whole process group (driver, Ray, workers) once ``ready()``."""
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env(**env_extra),
-                            start_new_session=True, cwd=cwd)
+    proc = start(cmd, log, cwd, **env_extra)
     deadline = time.time() + timeout
     while not ready() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -81,8 +87,7 @@ def kill_when(cmd, log: Path, ready, timeout=300, cwd=None, **env_extra) -> None
 def run_search(cmd, log: Path, timeout=420, cwd=None) -> str:
     """Run a search to its end with its output in ``log``; a run that hangs is killed with
     everything it started, and the failure shows where its output stopped (not a bare timeout)."""
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env(),
-                            start_new_session=True, cwd=cwd)
+    proc = start(cmd, log, cwd)
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

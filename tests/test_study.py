@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
@@ -275,6 +276,14 @@ def _generator(s, max_concurrent=1):
     return g
 
 
+def _saved(generator, tmp_path) -> Path:
+    """Save ``generator``'s state (and its searcher's) as Tune does, in a driver folder."""
+    tune = tmp_path / "driver_artifacts"
+    tune.mkdir(exist_ok=True)
+    generator.save_to_dir(str(tune), "x")
+    return tune
+
+
 def _tune_snapshot(folder: Path, statuses: dict[str, str]) -> None:
     """An experiment_state file in ``folder`` in Tune's format, holding ``statuses``' trials."""
     from ray.tune.experiment import Trial
@@ -303,9 +312,7 @@ def test_a_restored_limiter_holds_slots_for_exactly_the_trials_tune_will_run(fol
             first.searcher.on_trial_complete("done", result(3, 5.0))
         if tid == "paused":
             first.searcher.release_slot("paused")
-    tune = tmp_path / "driver_artifacts"
-    tune.mkdir()
-    first.save_to_dir(str(tune), "x")
+    tune = _saved(first, tmp_path)
     _tune_snapshot(tune, {"done": "TERMINATED", "paused": "PAUSED"})  # Tune's snapshot: before lost
     again = _generator(searcher(folder, enqueue=False))
     again.restore_from_dir(str(tune))
@@ -323,15 +330,13 @@ def test_a_restored_limiter_holds_slots_for_exactly_the_trials_tune_will_run(fol
 
 def test_a_restored_limiter_older_than_tunes_snapshot_holds_slots_for_its_running_trials(folder, tmp_path):
     """The other way round: a trial that ended since the limiter's state frees its slot, and the
-    running and errored ones (--resume runs errored trials again) hold one; a trial still paused
-    in the limiter's state but not in the scheduler's runs with a slot."""
+    running and errored ones (--resume runs errored trials again) hold one; a trial paused in the
+    limiter's state holds one too, until the scheduler pauses it again (the test above)."""
     first = _generator(searcher(folder), max_concurrent=4)
     for tid in ("ended", "paused"):
         first.searcher.suggest(tid)
     first.searcher.release_slot("paused")
-    tune = tmp_path / "driver_artifacts"
-    tune.mkdir()
-    first.save_to_dir(str(tune), "x")
+    tune = _saved(first, tmp_path)
     _tune_snapshot(tune, {"ended": "TERMINATED", "paused": "PENDING", "running": "RUNNING", "errored": "ERROR"})
     again = _generator(searcher(folder, enqueue=False), max_concurrent=4)
     again.restore_from_dir(str(tune))
@@ -346,9 +351,7 @@ def test_a_searcher_state_older_than_tunes_snapshot_keeps_the_trials_only_tune_r
     first = _generator(searcher(folder), max_concurrent=4)
     first.searcher.suggest("done")
     first.searcher.on_trial_complete("done", result(3, 5.0))
-    tune = tmp_path / "driver_artifacts"
-    tune.mkdir()
-    first.save_to_dir(str(tune), "x")  # the searcher's state, before "late" ...
+    tune = _saved(first, tmp_path)  # the searcher's state, before "late" ...
     late = first.searcher.suggest("late")
     _tune_snapshot(tune, {"done": "TERMINATED", "late": "RUNNING"})  # ... Tune's snapshot, after
     again = _generator(searcher(folder, enqueue=False), max_concurrent=4)
@@ -785,35 +788,26 @@ def test_rungs_and_stops_survive_a_restart(folder):
 def test_a_restored_trial_gets_its_logs_back_and_learns_how_many_epochs_tune_holds(folder, tmp_path):
     """Tune restores a trial's result.json only when it has a Tune checkpoint; ours get it back from
     storage as soon as they are added (Tune may start them without asking the scheduler)."""
-    import pyarrow.fs
-
-    stored = tmp_path / "storage" / "exp" / "trial_x"
-    stored.mkdir(parents=True)
-    lines = [json.dumps({"epoch": e, "err": 9.0 - e}) for e in (1, 2, 3)]
-    (stored / "result.json").write_text("\n".join(lines) + "\n" + '{"epoch": 4, "er')  # a kill mid-line
-    local = tmp_path / "staging" / "trial_x"
-    x = trial("x", n_unfrozen=0, head="mlp")
+    x = _stored_trial(tmp_path, "x", [1, 2, 3], tail='{"epoch": 4, "er', n_unfrozen=0, head="mlp")  # a kill mid-line
     x.last_result = {"epoch": 2, "err": 7.0}  # Tune's snapshot lags its stored results by one epoch
-    x.local_path = str(local)
-    x.init_local_path = lambda: local.mkdir(parents=True, exist_ok=True)
-    x.storage = SimpleNamespace(storage_filesystem=pyarrow.fs.LocalFileSystem(), trial_fs_path=str(stored))
-    x.update_last_result = lambda r: setattr(x, "last_result", r)
     sched = asha()
     sched.on_trial_add(None, x)
     assert x.config["tune_epoch"] == 3
-    assert (local / "result.json").read_text() == "\n".join(lines) + "\n"  # complete lines only
+    lines = [json.dumps({"epoch": e, "err": 9.0 - e}) for e in (1, 2, 3)]
+    assert (Path(x.local_path) / "result.json").read_text() == "\n".join(lines) + "\n"  # complete lines only
     fresh = trial("y", n_unfrozen=0, head="mlp")
     sched.on_trial_add(None, fresh)
     assert fresh.config["tune_epoch"] == 0
 
 
-def _stored_trial(tmp_path, tid, epochs, **config):
-    """A restored trial whose storage holds result.json lines for ``epochs``."""
+def _stored_trial(tmp_path, tid, epochs, tail="", **config):
+    """A restored trial whose storage holds result.json lines for ``epochs`` (then ``tail``)."""
     import pyarrow.fs
 
     stored, local = tmp_path / "storage" / f"trial_{tid}", tmp_path / "staging" / f"trial_{tid}"
     stored.mkdir(parents=True)
-    (stored / "result.json").write_text("".join(json.dumps({"epoch": e, "err": 9.0 - e}) + "\n" for e in epochs))
+    (stored / "result.json").write_text("".join(json.dumps({"epoch": e, "err": 9.0 - e}) + "\n" for e in epochs)
+                                        + tail)
     t = _live(tid, "PENDING", **config)
     t.local_path = str(local)
     t.init_local_path = lambda: local.mkdir(parents=True, exist_ok=True)
