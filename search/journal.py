@@ -260,6 +260,39 @@ def restore_trial_logs(trial) -> dict:
     return last
 
 
+def trim_tensorboard(trial, held: int) -> None:
+    """Drop from a restarted trial's stored TensorBoard files the steps after ``held`` (the epoch it
+    goes on from; Tune's TensorBoard step is the epoch): it reports them again, into a new file.
+    A kill's upload can carry an event file that is ahead of the result.json beside it; kept, the
+    trial's curve had an epoch twice (seen in the S3 new-head resume test: steps 1, 2, 2, 3)."""
+    import io
+
+    import pyarrow.fs
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    fs = trial.storage.storage_filesystem
+    selector = pyarrow.fs.FileSelector(trial.storage.trial_fs_path, allow_not_found=True)
+    for info in fs.get_file_info(selector):
+        if not info.base_name.startswith("events.out.tfevents") or info.type != pyarrow.fs.FileType.File:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp, info.base_name)
+            with fs.open_input_stream(info.path) as f:
+                local.write_bytes(f.read())
+            records = list(RawEventFileLoader(str(local)).Load())
+        kept = [r for r in records if event_pb2.Event.FromString(r).step <= held]
+        if len(kept) == len(records):
+            continue
+        out = io.BytesIO()
+        writer = RecordWriter(out)
+        for record in kept:
+            writer.write(record)
+        with fs.open_output_stream(info.path) as f:
+            f.write(out.getvalue())
+
+
 class JournalCallback(Callback):
     """After every trial result and end: store error reasons in the study, push our files."""
 

@@ -82,6 +82,8 @@ class ResumingFIFO(FIFOScheduler):
         if trial.trial_id in self.stopped:
             return  # about to be stopped again (choose_trial_to_run)
         trial.config[TUNE_EPOCH] = self.held(trial)
+        if getattr(trial, "storage", None) is not None:
+            journal.trim_tensorboard(trial, self.held(trial))
 
     def held(self, trial) -> int:
         """Epochs Tune holds for ``trial`` (its last result's ``time_attr``)."""

@@ -1030,3 +1030,26 @@ def test_a_stopped_trial_once_paused_is_stopped_again_on_resume_not_paused(folde
     stopped.clear()
     sched.choose_trial_to_run(tc)
     assert stopped == ["t"]
+
+
+def test_a_restarted_trials_stored_tensorboard_steps_after_its_logs_are_dropped(folder, tmp_path):
+    """A kill's upload can carry an event file ahead of the result.json beside it (seen in the S3
+    new-head resume test: steps 1, 2, 2, 3): the steps the trial reports again are dropped from it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    x = _stored_trial(tmp_path, "x", [1], n_unfrozen=0, head="mlp")
+    stored = Path(x.storage.trial_fs_path)
+    with (stored / "events.out.tfevents.1.old").open("wb") as f:
+        writer = RecordWriter(f)
+        writer.write(event_pb2.Event(wall_time=1.0, file_version="brain.Event:2").SerializeToString())
+        for step in (1, 2):
+            value = summary_pb2.Summary.Value(tag="ray/tune/val_px_error", simple_value=10.0 - step)
+            writer.write(event_pb2.Event(wall_time=1.0 + step, step=step,
+                                         summary=summary_pb2.Summary(value=[value])).SerializeToString())
+    asha().on_trial_add(None, x)
+    assert x.config["tune_epoch"] == 1
+    acc = EventAccumulator(str(stored))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("ray/tune/val_px_error")] == [1]
