@@ -37,6 +37,14 @@ def result_of(stdout: str) -> dict:
     return json.loads(next(line for line in reversed(stdout.strip().splitlines()) if line.startswith('{"name"')))
 
 
+def trial_rows(folder: Path) -> list[dict]:
+    """The per-trial rows of an experiment's pareto.csv (search.pareto's export)."""
+    import csv
+
+    with (folder / "pareto.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
 def _gone(p) -> bool:
     """A process that runs no code: exited, or a zombie (an orphan stays one until PID 1 reaps it)."""
     import psutil

@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from tests.conftest import kill_everything
+from tests.conftest import kill_everything, trial_rows
 
 MAX_T = 3
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -237,7 +237,7 @@ def test_a_dominated_trial_is_paused_and_finishes_last_with_every_epoch_once(tmp
     assert_every_trial_once(folder, 4)
     res = results(folder)
     first_results = [rows[0]["timestamp"] for tid, rows in res.items() if tid not in deferred]
-    rows = {r["trial_id"]: r for r in csv_rows(folder / "pareto.csv")}
+    rows = {r["trial_id"]: r for r in trial_rows(folder)}
     for tid, pause in deferred.items():
         assert pause["epoch"] == 2 and pause["by"] in res
         assert [r["epoch"] for r in res[tid]] == [1, 2, 3]  # paused, not stopped: it ran all its epochs
@@ -248,13 +248,6 @@ def test_a_dominated_trial_is_paused_and_finishes_last_with_every_epoch_once(tmp
         assert rows[tid]["state"] == "COMPLETE" and f"paused at epoch 2 as dominated by trial {pause['by']}" in \
             rows[tid]["reason"]
     assert f"({len(deferred)} paused as dominated and resumed last)" in out
-
-
-def csv_rows(path: Path) -> list[dict]:
-    import csv
-
-    with path.open() as f:
-        return list(csv.DictReader(f))
 
 
 def test_resume_on_a_new_head_from_s3(s3_endpoint, bucket, tmp_path):

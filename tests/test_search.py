@@ -19,7 +19,7 @@ import pytest
 
 from search.pareto import hypervolume_2d, pareto_mask
 from search.spaces import SPACES, SpaceFn, apply, get_space, params_of
-from tests.conftest import result_of
+from tests.conftest import result_of, trial_rows
 from trainables.config import TrialConfig
 from trainables.data.shard import write_shards
 from trainables.data.synthetic import write_synthetic
@@ -151,11 +151,6 @@ def assert_no_secret(folder: Path, *outputs: str) -> None:
         if path.is_file():
             data = path.read_bytes()
             assert SECRET.encode() not in data and KEY_ID.encode() not in data, path
-
-
-def trial_rows(folder: Path) -> list[dict]:
-    with (folder / "pareto.csv").open() as f:
-        return list(csv.DictReader(f))
 
 
 def study_of(folder: Path):
