@@ -260,37 +260,99 @@ def restore_trial_logs(trial) -> dict:
     return last
 
 
-def trim_tensorboard(trial, held: int) -> None:
-    """Drop from a restarted trial's stored TensorBoard files the steps after ``held`` (the epoch it
-    goes on from; Tune's TensorBoard step is the epoch): it reports them again, into a new file.
-    A kill's upload can carry an event file that is ahead of the result.json beside it; kept, the
-    trial's curve had an epoch twice (seen in the S3 new-head resume test: steps 1, 2, 2, 3)."""
+def restore_tensorboard(trial, held: int) -> None:
+    """Make a restarted trial's stored TensorBoard files hold its epochs 1..``held`` once each, as its
+    restored result.json does (Tune's TensorBoard step is the epoch): the trial reports the later
+    ones again, into a new file. A kill's upload can carry an event file ahead of the result.json
+    beside it (seen in the S3 new-head resume test: steps 1, 2, 2, 3), or behind it (steps 3 only):
+    steps after ``held`` are dropped, and epochs the result.json holds but no event file does are
+    written from it, as Tune's TensorBoard logger writes a result."""
+    import pyarrow.fs
+
+    fs = trial.storage.storage_filesystem
+    selector = pyarrow.fs.FileSelector(trial.storage.trial_fs_path, allow_not_found=True)
+    steps: set[int] = set()
+    for info in fs.get_file_info(selector):
+        if info.base_name.startswith("events.out.tfevents") and info.type == pyarrow.fs.FileType.File:
+            steps |= _trim_event_file(fs, info.path, held)
+    missing = [row for row in _logged_rows(trial) if 0 < _step(row) <= held and _step(row) not in steps]
+    if missing:
+        # named by when its first epoch was reported: it sorts after the older files, before the new one
+        name = f"events.out.tfevents.{int(missing[0].get('timestamp') or 0):010d}.echotune-restored"
+        with fs.open_output_stream(f"{trial.storage.trial_fs_path}/{name}") as f:
+            f.write(_event_records(missing))
+
+
+def _step(row: dict) -> int:
+    """Tune's TensorBoard step of a result (ray.tune.logger.tensorboardx: timesteps_total, else the iteration)."""
+    from ray.tune.result import TIMESTEPS_TOTAL, TRAINING_ITERATION
+
+    return int(row.get(TIMESTEPS_TOTAL) or row.get(TRAINING_ITERATION) or 0)
+
+
+def _trim_event_file(fs, path: str, held: int) -> set[int]:
+    """Drop the summaries after step ``held`` from a stored event file; the steps it keeps."""
     import io
 
-    import pyarrow.fs
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    fs = trial.storage.storage_filesystem
-    selector = pyarrow.fs.FileSelector(trial.storage.trial_fs_path, allow_not_found=True)
-    for info in fs.get_file_info(selector):
-        if not info.base_name.startswith("events.out.tfevents") or info.type != pyarrow.fs.FileType.File:
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(tmp, info.base_name)
-            with fs.open_input_stream(info.path) as f:
-                local.write_bytes(f.read())
-            records = list(RawEventFileLoader(str(local)).Load())
-        kept = [r for r in records if event_pb2.Event.FromString(r).step <= held]
-        if len(kept) == len(records):
-            continue
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp, "events")
+        with fs.open_input_stream(path) as f:
+            local.write_bytes(f.read())
+        records = [(r, event_pb2.Event.FromString(r)) for r in RawEventFileLoader(str(local)).Load()]
+    kept = [(r, e) for r, e in records if e.step <= held]
+    if len(kept) < len(records):
         out = io.BytesIO()
         writer = RecordWriter(out)
-        for record in kept:
+        for record, _ in kept:
             writer.write(record)
-        with fs.open_output_stream(info.path) as f:
+        with fs.open_output_stream(path) as f:
             f.write(out.getvalue())
+    return {e.step for _, e in kept if e.HasField("summary") and e.summary.value}
+
+
+def _logged_rows(trial) -> list[dict]:
+    """The results in the trial's (restored) local result.json, in order."""
+    path = Path(trial.local_path, "result.json")
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _event_records(rows: list[dict]) -> bytes:
+    """An event file holding ``rows`` as Tune's TensorBoard logger writes them: every finite number
+    of the flattened result under ``ray/tune/``, at the result's step."""
+    import io
+
+    import numpy as np
+    from ray.tune.logger.tensorboardx import VALID_SUMMARY_TYPES
+    from ray.tune.result import TIME_TOTAL_S, TRAINING_ITERATION
+    from ray.tune.utils import flatten_dict
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    out = io.BytesIO()
+    writer = RecordWriter(out)
+    wall = float(rows[0].get("timestamp") or 0)
+    writer.write(event_pb2.Event(wall_time=wall, file_version="brain.Event:2").SerializeToString())
+    for row in rows:
+        flat = flatten_dict({k: v for k, v in row.items()
+                             if k not in ("config", "pid", "timestamp", TIME_TOTAL_S, TRAINING_ITERATION)},
+                            delimiter="/")
+        values = [summary_pb2.Summary.Value(tag=f"ray/tune/{k}", simple_value=float(v)) for k, v in flat.items()
+                  if isinstance(v, tuple(VALID_SUMMARY_TYPES)) and not np.isnan(v)]
+        writer.write(event_pb2.Event(wall_time=float(row.get("timestamp") or wall), step=_step(row),
+                                     summary=summary_pb2.Summary(value=values)).SerializeToString())
+    return out.getvalue()
 
 
 class JournalCallback(Callback):

@@ -83,7 +83,7 @@ class ResumingFIFO(FIFOScheduler):
             return  # about to be stopped again (choose_trial_to_run)
         trial.config[TUNE_EPOCH] = self.held(trial)
         if getattr(trial, "storage", None) is not None:
-            journal.trim_tensorboard(trial, self.held(trial))
+            journal.restore_tensorboard(trial, self.held(trial))
 
     def held(self, trial) -> int:
         """Epochs Tune holds for ``trial`` (its last result's ``time_attr``)."""

@@ -1053,3 +1053,34 @@ def test_a_restarted_trials_stored_tensorboard_steps_after_its_logs_are_dropped(
     acc = EventAccumulator(str(stored))
     acc.Reload()
     assert [e.step for e in acc.Scalars("ray/tune/val_px_error")] == [1]
+
+
+def test_a_restarted_trials_epochs_missing_from_its_stored_tensorboard_files_are_written_from_its_logs(
+        folder, tmp_path):
+    """A kill's upload can carry the result.json without the event file beside it (seen in the S3
+    new-head resume test: steps 3 only, where the result.json held 1, 2, 3): the epochs the trial
+    goes on from are written from its logs, as Tune's TensorBoard logger writes a result."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    rows = [{"epoch": e, "timesteps_total": e, "training_iteration": e, "val_px_error": 10.0 - e, "timestamp": 100 + e,
+             "config": {"lr": 0.1}, "nested": {"a": float(e)}, "hostname": "h"} for e in (1, 2)]
+    x = _stored_trial(tmp_path, "x", [], tail="".join(json.dumps(r) + "\n" for r in rows), n_unfrozen=0, head="mlp")
+    stored = Path(x.storage.trial_fs_path)
+    with (stored / "events.out.tfevents.0000000100.old").open("wb") as f:  # epoch 1 only reached the storage
+        writer = RecordWriter(f)
+        writer.write(event_pb2.Event(wall_time=100.0, file_version="brain.Event:2").SerializeToString())
+        value = summary_pb2.Summary.Value(tag="ray/tune/val_px_error", simple_value=9.0)
+        writer.write(event_pb2.Event(wall_time=101.0, step=1, summary=summary_pb2.Summary(value=[value]))
+                     .SerializeToString())
+    asha().on_trial_add(None, x)
+    assert x.config["tune_epoch"] == 2
+    acc = EventAccumulator(str(stored))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("ray/tune/val_px_error")] == [(1, 9.0), (2, 8.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("ray/tune/nested/a")] == [(2, 2.0)]
+    assert not {"ray/tune/timestamp", "ray/tune/config/lr", "ray/tune/hostname"} & set(acc.Tags()["scalars"])
+    empty = _stored_trial(tmp_path / "again", "x", [])
+    asha().on_trial_add(None, empty)  # nothing logged: nothing written
+    assert not list(Path(empty.storage.trial_fs_path).glob("events.out.tfevents*"))
