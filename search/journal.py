@@ -270,11 +270,14 @@ def restore_tensorboard(trial, held: int) -> None:
     import pyarrow.fs
 
     fs = trial.storage.storage_filesystem
-    selector = pyarrow.fs.FileSelector(trial.storage.trial_fs_path, allow_not_found=True)
+    # The head's own staging copy too (a resume on the same head): Tune's next sync uploads it over
+    # the stored files, and the epochs it holds need not be written again.
+    places = [(fs, trial.storage.trial_fs_path), (pyarrow.fs.LocalFileSystem(), str(trial.local_path))]
     steps: set[int] = set()
-    for info in fs.get_file_info(selector):
-        if info.base_name.startswith("events.out.tfevents") and info.type == pyarrow.fs.FileType.File:
-            steps |= _trim_event_file(fs, info.path, held)
+    for place_fs, folder in places:
+        for info in place_fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True)):
+            if info.base_name.startswith("events.out.tfevents") and info.type == pyarrow.fs.FileType.File:
+                steps |= _trim_event_file(place_fs, info.path, held)
     missing = [row for row in _logged_rows(trial) if 0 < _step(row) <= held and _step(row) not in steps]
     if missing:
         # named by when its first epoch was reported: it sorts after the older files, before the new one

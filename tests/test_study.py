@@ -1036,18 +1036,10 @@ def test_a_restarted_trials_stored_tensorboard_steps_after_its_logs_are_dropped(
     """A kill's upload can carry an event file ahead of the result.json beside it (seen in the S3
     new-head resume test: steps 1, 2, 2, 3): the steps the trial reports again are dropped from it."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.compat.proto import event_pb2, summary_pb2
-    from tensorboard.summary.writer.record_writer import RecordWriter
 
-    x = _stored_trial(tmp_path, "x", [1], n_unfrozen=0, head="mlp")
+    x = _stored_trial(tmp_path, "x", [], tail=_tune_rows(1), n_unfrozen=0, head="mlp")
     stored = Path(x.storage.trial_fs_path)
-    with (stored / "events.out.tfevents.1.old").open("wb") as f:
-        writer = RecordWriter(f)
-        writer.write(event_pb2.Event(wall_time=1.0, file_version="brain.Event:2").SerializeToString())
-        for step in (1, 2):
-            value = summary_pb2.Summary.Value(tag="ray/tune/val_px_error", simple_value=10.0 - step)
-            writer.write(event_pb2.Event(wall_time=1.0 + step, step=step,
-                                         summary=summary_pb2.Summary(value=[value])).SerializeToString())
+    _event_file(stored / "events.out.tfevents.0000000100.old", [1, 2])
     asha().on_trial_add(None, x)
     assert x.config["tune_epoch"] == 1
     acc = EventAccumulator(str(stored))
@@ -1061,19 +1053,10 @@ def test_a_restarted_trials_epochs_missing_from_its_stored_tensorboard_files_are
     new-head resume test: steps 3 only, where the result.json held 1, 2, 3): the epochs the trial
     goes on from are written from its logs, as Tune's TensorBoard logger writes a result."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from tensorboard.compat.proto import event_pb2, summary_pb2
-    from tensorboard.summary.writer.record_writer import RecordWriter
 
-    rows = [{"epoch": e, "timesteps_total": e, "training_iteration": e, "val_px_error": 10.0 - e, "timestamp": 100 + e,
-             "config": {"lr": 0.1}, "nested": {"a": float(e)}, "hostname": "h"} for e in (1, 2)]
-    x = _stored_trial(tmp_path, "x", [], tail="".join(json.dumps(r) + "\n" for r in rows), n_unfrozen=0, head="mlp")
+    x = _stored_trial(tmp_path, "x", [], tail=_tune_rows(1, 2), n_unfrozen=0, head="mlp")
     stored = Path(x.storage.trial_fs_path)
-    with (stored / "events.out.tfevents.0000000100.old").open("wb") as f:  # epoch 1 only reached the storage
-        writer = RecordWriter(f)
-        writer.write(event_pb2.Event(wall_time=100.0, file_version="brain.Event:2").SerializeToString())
-        value = summary_pb2.Summary.Value(tag="ray/tune/val_px_error", simple_value=9.0)
-        writer.write(event_pb2.Event(wall_time=101.0, step=1, summary=summary_pb2.Summary(value=[value]))
-                     .SerializeToString())
+    _event_file(stored / "events.out.tfevents.0000000100.old", [1])  # epoch 1 only reached the storage
     asha().on_trial_add(None, x)
     assert x.config["tune_epoch"] == 2
     acc = EventAccumulator(str(stored))
@@ -1084,3 +1067,41 @@ def test_a_restarted_trials_epochs_missing_from_its_stored_tensorboard_files_are
     empty = _stored_trial(tmp_path / "again", "x", [])
     asha().on_trial_add(None, empty)  # nothing logged: nothing written
     assert not list(Path(empty.storage.trial_fs_path).glob("events.out.tfevents*"))
+
+
+def test_a_restarted_trials_tensorboard_files_on_its_own_head_are_trimmed_and_not_written_again(folder, tmp_path):
+    """Resumed on the same head, the trial's staging folder still holds an event file the kill kept
+    from the storage: Tune's next sync uploads it, so it is trimmed too, and the epochs it holds
+    are not written to the storage a second time."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    x = _stored_trial(tmp_path, "x", [], tail=_tune_rows(1, 2), n_unfrozen=0, head="mlp")
+    x.init_local_path()
+    _event_file(Path(x.local_path) / "events.out.tfevents.0000000100.head", [1, 2, 3])
+    asha().on_trial_add(None, x)
+    assert x.config["tune_epoch"] == 2
+    assert not list(Path(x.storage.trial_fs_path).glob("events.out.tfevents*"))
+    acc = EventAccumulator(str(x.local_path))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("ray/tune/val_px_error")] == [1, 2]
+
+
+def _tune_rows(*epochs) -> str:
+    """result.json lines as Tune logs our trials' results (step: timesteps_total = epoch)."""
+    return "".join(json.dumps({"epoch": e, "timesteps_total": e, "training_iteration": e, "val_px_error": 10.0 - e,
+                               "timestamp": 100 + e, "config": {"lr": 0.1}, "nested": {"a": float(e)},
+                               "hostname": "h"}) + "\n" for e in epochs)
+
+
+def _event_file(path: Path, steps) -> None:
+    """A TensorBoard event file holding ``ray/tune/val_px_error`` = 10 - step at ``steps``."""
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    with path.open("wb") as f:
+        writer = RecordWriter(f)
+        writer.write(event_pb2.Event(wall_time=100.0, file_version="brain.Event:2").SerializeToString())
+        for step in steps:
+            value = summary_pb2.Summary.Value(tag="ray/tune/val_px_error", simple_value=10.0 - step)
+            writer.write(event_pb2.Event(wall_time=100.0 + step, step=step,
+                                         summary=summary_pb2.Summary(value=[value])).SerializeToString())
