@@ -265,25 +265,38 @@ def restore_tensorboard(trial, held: int) -> None:
     restored result.json does (Tune's TensorBoard step is the epoch): the trial reports the later
     ones again, into a new file. A kill's upload can carry an event file ahead of the result.json
     beside it (seen in the S3 new-head resume test: steps 1, 2, 2, 3), or behind it (steps 3 only):
-    steps after ``held`` are dropped, and epochs the result.json holds but no event file does are
-    written from it, as Tune's TensorBoard logger writes a result."""
+    steps after ``held`` are dropped, and what the result.json holds but no event file does (a whole
+    epoch, or the tags of an epoch whose upload was cut) is written from it, as Tune's TensorBoard
+    logger writes a result. A failure here is logged, not raised: the curves are a view of the
+    logs, and must not stop a resume."""
+    try:
+        _restore_tensorboard(trial, held)
+    except Exception as exc:  # noqa: BLE001 (storage errors, unreadable files: the search goes on)
+        log.warning("could not restore the TensorBoard files of trial %s (%s: %s); its curves may miss or "
+                    "repeat epochs up to %d", trial.trial_id, type(exc).__name__, exc, held)
+
+
+def _restore_tensorboard(trial, held: int) -> None:
     import pyarrow.fs
 
     fs = trial.storage.storage_filesystem
     # The head's own staging copy too (a resume on the same head): Tune's next sync uploads it over
     # the stored files, and the epochs it holds need not be written again.
     places = [(fs, trial.storage.trial_fs_path), (pyarrow.fs.LocalFileSystem(), str(trial.local_path))]
-    steps: set[int] = set()
+    present: set[tuple[int, str]] = set()  # (step, tag)
     for place_fs, folder in places:
         for info in place_fs.get_file_info(pyarrow.fs.FileSelector(folder, allow_not_found=True)):
             if info.base_name.startswith("events.out.tfevents") and info.type == pyarrow.fs.FileType.File:
-                steps |= _trim_event_file(place_fs, info.path, held)
-    missing = [row for row in _logged_rows(trial) if 0 < _step(row) <= held and _step(row) not in steps]
-    if missing:
-        # named by when its first epoch was reported: it sorts after the older files, before the new one
-        name = f"events.out.tfevents.{int(missing[0].get('timestamp') or 0):010d}.echotune-restored"
+                present |= _trim_event_file(place_fs, info.path, held)
+    rows = {_step(row): row for row in _logged_rows(trial) if 0 < _step(row) <= held}  # the last of each epoch
+    records, first = _event_records([rows[step] for step in sorted(rows)], present)
+    if records:
+        # named by when its first epoch was reported (else now): it sorts after the older files and
+        # before the file the restarted trial writes
+        stamp = int(first.get("timestamp") or time.time() - 1)
+        name = f"events.out.tfevents.{stamp:010d}.echotune-restored"
         with fs.open_output_stream(f"{trial.storage.trial_fs_path}/{name}") as f:
-            f.write(_event_records(missing))
+            f.write(records)
 
 
 def _step(row: dict) -> int:
@@ -293,8 +306,8 @@ def _step(row: dict) -> int:
     return int(row.get(TIMESTEPS_TOTAL) or row.get(TRAINING_ITERATION) or 0)
 
 
-def _trim_event_file(fs, path: str, held: int) -> set[int]:
-    """Drop the summaries after step ``held`` from a stored event file; the steps it keeps."""
+def _trim_event_file(fs, path: str, held: int) -> set[tuple[int, str]]:
+    """Drop the summaries after step ``held`` from a stored event file; the (step, tag) pairs it keeps."""
     import io
 
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
@@ -314,7 +327,7 @@ def _trim_event_file(fs, path: str, held: int) -> set[int]:
             writer.write(record)
         with fs.open_output_stream(path) as f:
             f.write(out.getvalue())
-    return {e.step for _, e in kept if e.HasField("summary") and e.summary.value}
+    return {(e.step, v.tag) for _, e in kept if e.HasField("summary") for v in e.summary.value}
 
 
 def _logged_rows(trial) -> list[dict]:
@@ -331,9 +344,10 @@ def _logged_rows(trial) -> list[dict]:
     return rows
 
 
-def _event_records(rows: list[dict]) -> bytes:
-    """An event file holding ``rows`` as Tune's TensorBoard logger writes them: every finite number
-    of the flattened result under ``ray/tune/``, at the result's step."""
+def _event_records(rows: list[dict], present: set[tuple[int, str]]) -> tuple[bytes, dict]:
+    """An event file holding what ``rows`` add to ``present`` as Tune's TensorBoard logger writes a
+    result (every finite number of the flattened result under ``ray/tune/``, at the result's step),
+    and the first row it uses; (b"", {}) when they add nothing."""
     import io
 
     import numpy as np
@@ -343,19 +357,27 @@ def _event_records(rows: list[dict]) -> bytes:
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
 
-    out = io.BytesIO()
-    writer = RecordWriter(out)
-    wall = float(rows[0].get("timestamp") or 0)
-    writer.write(event_pb2.Event(wall_time=wall, file_version="brain.Event:2").SerializeToString())
+    events, first = [], {}
     for row in rows:
+        step = _step(row)
         flat = flatten_dict({k: v for k, v in row.items()
                              if k not in ("config", "pid", "timestamp", TIME_TOTAL_S, TRAINING_ITERATION)},
                             delimiter="/")
         values = [summary_pb2.Summary.Value(tag=f"ray/tune/{k}", simple_value=float(v)) for k, v in flat.items()
-                  if isinstance(v, tuple(VALID_SUMMARY_TYPES)) and not np.isnan(v)]
-        writer.write(event_pb2.Event(wall_time=float(row.get("timestamp") or wall), step=_step(row),
-                                     summary=summary_pb2.Summary(value=values)).SerializeToString())
-    return out.getvalue()
+                  if isinstance(v, tuple(VALID_SUMMARY_TYPES)) and not np.isnan(v)
+                  and (step, f"ray/tune/{k}") not in present]
+        if values:
+            first = first or row
+            events.append(event_pb2.Event(wall_time=float(row.get("timestamp") or time.time()), step=step,
+                                          summary=summary_pb2.Summary(value=values)))
+    if not events:
+        return b"", {}
+    out = io.BytesIO()
+    writer = RecordWriter(out)
+    writer.write(event_pb2.Event(wall_time=events[0].wall_time, file_version="brain.Event:2").SerializeToString())
+    for event in events:
+        writer.write(event.SerializeToString())
+    return out.getvalue(), first
 
 
 class JournalCallback(Callback):

@@ -79,11 +79,11 @@ class ResumingFIFO(FIFOScheduler):
             logged = journal.restore_trial_logs(trial)
             if int(logged.get(self.time_attr, 0) or 0) > self.held(trial):
                 trial.update_last_result(logged | {"config": dict(trial.config)})  # not the old head's
+        if getattr(trial, "storage", None) is not None:  # stopped ones too: their curves end where their logs do
+            journal.restore_tensorboard(trial, self.held(trial))
         if trial.trial_id in self.stopped:
             return  # about to be stopped again (choose_trial_to_run)
         trial.config[TUNE_EPOCH] = self.held(trial)
-        if getattr(trial, "storage", None) is not None:
-            journal.restore_tensorboard(trial, self.held(trial))
 
     def held(self, trial) -> int:
         """Epochs Tune holds for ``trial`` (its last result's ``time_attr``)."""

@@ -1050,19 +1050,22 @@ def test_a_restarted_trials_stored_tensorboard_steps_after_its_logs_are_dropped(
 def test_a_restarted_trials_epochs_missing_from_its_stored_tensorboard_files_are_written_from_its_logs(
         folder, tmp_path):
     """A kill's upload can carry the result.json without the event file beside it (seen in the S3
-    new-head resume test: steps 3 only, where the result.json held 1, 2, 3): the epochs the trial
-    goes on from are written from its logs, as Tune's TensorBoard logger writes a result."""
+    new-head resume test: steps 3 only, where the result.json held 1, 2, 3), or with part of it: the
+    epochs the trial goes on from, and the tags an epoch lacks, are written from its logs, as Tune's
+    TensorBoard logger writes a result."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     x = _stored_trial(tmp_path, "x", [], tail=_tune_rows(1, 2), n_unfrozen=0, head="mlp")
     stored = Path(x.storage.trial_fs_path)
-    _event_file(stored / "events.out.tfevents.0000000100.old", [1])  # epoch 1 only reached the storage
+    # epoch 1 only reached the storage, and of its tags only one: the upload was cut
+    _event_file(stored / "events.out.tfevents.0000000100.old", [1], tags=("val_px_error",))
     asha().on_trial_add(None, x)
     assert x.config["tune_epoch"] == 2
     acc = EventAccumulator(str(stored))
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("ray/tune/val_px_error")] == [(1, 9.0), (2, 8.0)]
-    assert [(e.step, e.value) for e in acc.Scalars("ray/tune/nested/a")] == [(2, 2.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("ray/tune/nested/a")] == [(1, 1.0), (2, 2.0)]
+    assert [e.step for e in acc.Scalars("ray/tune/epoch")] == [1, 2]
     assert not {"ray/tune/timestamp", "ray/tune/config/lr", "ray/tune/hostname"} & set(acc.Tags()["scalars"])
     empty = _stored_trial(tmp_path / "again", "x", [])
     asha().on_trial_add(None, empty)  # nothing logged: nothing written
@@ -1093,8 +1096,9 @@ def _tune_rows(*epochs) -> str:
                                "hostname": "h"}) + "\n" for e in epochs)
 
 
-def _event_file(path: Path, steps) -> None:
-    """A TensorBoard event file holding ``ray/tune/val_px_error`` = 10 - step at ``steps``."""
+def _event_file(path: Path, steps, tags=("epoch", "timesteps_total", "val_px_error", "nested/a")) -> None:
+    """A TensorBoard event file holding, at ``steps``, the ``tags`` of ``_tune_rows`` under ``ray/tune/``
+    (by default every one Tune's logger writes for them; fewer: an epoch whose upload was cut)."""
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
 
@@ -1102,6 +1106,34 @@ def _event_file(path: Path, steps) -> None:
         writer = RecordWriter(f)
         writer.write(event_pb2.Event(wall_time=100.0, file_version="brain.Event:2").SerializeToString())
         for step in steps:
-            value = summary_pb2.Summary.Value(tag="ray/tune/val_px_error", simple_value=10.0 - step)
+            row = {"epoch": step, "timesteps_total": step, "val_px_error": 10.0 - step, "nested/a": step}
+            values = [summary_pb2.Summary.Value(tag=f"ray/tune/{tag}", simple_value=float(row[tag])) for tag in tags]
             writer.write(event_pb2.Event(wall_time=100.0 + step, step=step,
-                                         summary=summary_pb2.Summary(value=[value])).SerializeToString())
+                                         summary=summary_pb2.Summary(value=values)).SerializeToString())
+
+
+def test_a_stopped_trials_curves_are_restored_too_each_epoch_once(folder, tmp_path):
+    """A trial stopped before the kill reports nothing again: the epochs its logs hold are written, once
+    each (the last row of an epoch its logs hold twice)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sched = asha()
+    sched.stopped["x"] = 2
+    x = _stored_trial(tmp_path, "x", [], tail=_tune_rows(1) + _tune_rows(1).replace("9.0", "7.5") + _tune_rows(2),
+                      n_unfrozen=0, head="mlp")
+    sched.on_trial_add(None, x)
+    acc = EventAccumulator(x.storage.trial_fs_path)
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("ray/tune/val_px_error")] == [(1, 7.5), (2, 8.0)]
+
+
+def test_a_storage_error_while_restoring_curves_is_logged_and_the_resume_goes_on(folder, tmp_path, caplog):
+    class Failing:
+        def __getattr__(self, name):
+            raise OSError("AWS Error SLOW_DOWN")
+
+    x = _stored_trial(tmp_path, "x", [1], n_unfrozen=0, head="mlp")
+    restore = journal.restore_trial_logs(x)  # the logs come back; then the storage fails
+    x.storage.storage_filesystem = Failing()
+    journal.restore_tensorboard(x, 1)
+    assert restore["epoch"] == 1 and "could not restore the TensorBoard files of trial x" in caplog.text
