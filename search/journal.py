@@ -239,7 +239,6 @@ def restore_trial_logs(trial) -> dict:
     """
     trial.init_local_path()
     fs, remote = trial.storage.storage_filesystem, trial.storage.trial_fs_path
-    last: dict = {}
     for name in ("result.json", "progress.csv"):
         local = Path(trial.local_path, name)
         if not (local.exists() and local.stat().st_size):
@@ -249,14 +248,13 @@ def restore_trial_logs(trial) -> dict:
             except (FileNotFoundError, OSError):
                 continue
             local.write_bytes(data)
-        if name == "result.json":
-            for line in local.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                    if int(row.get("epoch", 0)) > int(last.get("epoch", 0)):
-                        last = row
-                except (ValueError, AttributeError, TypeError):
-                    continue
+    last: dict = {}
+    for row in _logged_rows(trial):
+        try:
+            if int(row.get("epoch", 0)) > int(last.get("epoch", 0)):
+                last = row
+        except (ValueError, TypeError):
+            continue
     return last
 
 
@@ -308,11 +306,8 @@ def _step(row: dict) -> int:
 
 def _trim_event_file(fs, path: str, held: int) -> set[tuple[int, str]]:
     """Drop the summaries after step ``held`` from a stored event file; the (step, tag) pairs it keeps."""
-    import io
-
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2
-    from tensorboard.summary.writer.record_writer import RecordWriter
 
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp, "events")
@@ -321,12 +316,8 @@ def _trim_event_file(fs, path: str, held: int) -> set[tuple[int, str]]:
         records = [(r, event_pb2.Event.FromString(r)) for r in RawEventFileLoader(str(local)).Load()]
     kept = [(r, e) for r, e in records if e.step <= held]
     if len(kept) < len(records):
-        out = io.BytesIO()
-        writer = RecordWriter(out)
-        for record, _ in kept:
-            writer.write(record)
         with fs.open_output_stream(path) as f:
-            f.write(out.getvalue())
+            f.write(_event_file_bytes(r for r, _ in kept))
     return {(e.step, v.tag) for _, e in kept if e.HasField("summary") for v in e.summary.value}
 
 
@@ -348,14 +339,11 @@ def _event_records(rows: list[dict], present: set[tuple[int, str]]) -> tuple[byt
     """An event file holding what ``rows`` add to ``present`` as Tune's TensorBoard logger writes a
     result (every finite number of the flattened result under ``ray/tune/``, at the result's step),
     and the first row it uses; (b"", {}) when they add nothing."""
-    import io
-
     import numpy as np
     from ray.tune.logger.tensorboardx import VALID_SUMMARY_TYPES
     from ray.tune.result import TIME_TOTAL_S, TRAINING_ITERATION
     from ray.tune.utils import flatten_dict
     from tensorboard.compat.proto import event_pb2, summary_pb2
-    from tensorboard.summary.writer.record_writer import RecordWriter
 
     events, first = [], {}
     for row in rows:
@@ -372,12 +360,21 @@ def _event_records(rows: list[dict], present: set[tuple[int, str]]) -> tuple[byt
                                           summary=summary_pb2.Summary(value=values)))
     if not events:
         return b"", {}
+    header = event_pb2.Event(wall_time=events[0].wall_time, file_version="brain.Event:2")
+    return _event_file_bytes(e.SerializeToString() for e in [header, *events]), first
+
+
+def _event_file_bytes(records) -> bytes:
+    """An event file's bytes holding the serialized events ``records``, in order."""
+    import io
+
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
     out = io.BytesIO()
     writer = RecordWriter(out)
-    writer.write(event_pb2.Event(wall_time=events[0].wall_time, file_version="brain.Event:2").SerializeToString())
-    for event in events:
-        writer.write(event.SerializeToString())
-    return out.getvalue(), first
+    for record in records:
+        writer.write(record)
+    return out.getvalue()
 
 
 class JournalCallback(Callback):

@@ -79,8 +79,7 @@ class ResumingFIFO(FIFOScheduler):
             logged = journal.restore_trial_logs(trial)
             if int(logged.get(self.time_attr, 0) or 0) > self.held(trial):
                 trial.update_last_result(logged | {"config": dict(trial.config)})  # not the old head's
-        if getattr(trial, "storage", None) is not None:  # stopped ones too: their curves end where their logs do
-            journal.restore_tensorboard(trial, self.held(trial))
+            journal.restore_tensorboard(trial, self.held(trial))  # (stopped ones too: curves end where logs do)
         if trial.trial_id in self.stopped:
             return  # about to be stopped again (choose_trial_to_run)
         trial.config[TUNE_EPOCH] = self.held(trial)

@@ -1035,15 +1035,12 @@ def test_a_stopped_trial_once_paused_is_stopped_again_on_resume_not_paused(folde
 def test_a_restarted_trials_stored_tensorboard_steps_after_its_logs_are_dropped(folder, tmp_path):
     """A kill's upload can carry an event file ahead of the result.json beside it (seen in the S3
     new-head resume test: steps 1, 2, 2, 3): the steps the trial reports again are dropped from it."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     x = _stored_trial(tmp_path, "x", [], tail=_tune_rows(1), n_unfrozen=0, head="mlp")
     stored = Path(x.storage.trial_fs_path)
     _event_file(stored / "events.out.tfevents.0000000100.old", [1, 2])
     asha().on_trial_add(None, x)
     assert x.config["tune_epoch"] == 1
-    acc = EventAccumulator(str(stored))
-    acc.Reload()
+    acc = _curves(str(stored))
     assert [e.step for e in acc.Scalars("ray/tune/val_px_error")] == [1]
 
 
@@ -1053,16 +1050,13 @@ def test_a_restarted_trials_epochs_missing_from_its_stored_tensorboard_files_are
     new-head resume test: steps 3 only, where the result.json held 1, 2, 3), or with part of it: the
     epochs the trial goes on from, and the tags an epoch lacks, are written from its logs, as Tune's
     TensorBoard logger writes a result."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     x = _stored_trial(tmp_path, "x", [], tail=_tune_rows(1, 2), n_unfrozen=0, head="mlp")
     stored = Path(x.storage.trial_fs_path)
     # epoch 1 only reached the storage, and of its tags only one: the upload was cut
     _event_file(stored / "events.out.tfevents.0000000100.old", [1], tags=("val_px_error",))
     asha().on_trial_add(None, x)
     assert x.config["tune_epoch"] == 2
-    acc = EventAccumulator(str(stored))
-    acc.Reload()
+    acc = _curves(str(stored))
     assert [(e.step, e.value) for e in acc.Scalars("ray/tune/val_px_error")] == [(1, 9.0), (2, 8.0)]
     assert [(e.step, e.value) for e in acc.Scalars("ray/tune/nested/a")] == [(1, 1.0), (2, 2.0)]
     assert [e.step for e in acc.Scalars("ray/tune/epoch")] == [1, 2]
@@ -1076,16 +1070,13 @@ def test_a_restarted_trials_tensorboard_files_on_its_own_head_are_trimmed_and_no
     """Resumed on the same head, the trial's staging folder still holds an event file the kill kept
     from the storage: Tune's next sync uploads it, so it is trimmed too, and the epochs it holds
     are not written to the storage a second time."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     x = _stored_trial(tmp_path, "x", [], tail=_tune_rows(1, 2), n_unfrozen=0, head="mlp")
     x.init_local_path()
     _event_file(Path(x.local_path) / "events.out.tfevents.0000000100.head", [1, 2, 3])
     asha().on_trial_add(None, x)
     assert x.config["tune_epoch"] == 2
     assert not list(Path(x.storage.trial_fs_path).glob("events.out.tfevents*"))
-    acc = EventAccumulator(str(x.local_path))
-    acc.Reload()
+    acc = _curves(str(x.local_path))
     assert [e.step for e in acc.Scalars("ray/tune/val_px_error")] == [1, 2]
 
 
@@ -1094,6 +1085,15 @@ def _tune_rows(*epochs) -> str:
     return "".join(json.dumps({"epoch": e, "timesteps_total": e, "training_iteration": e, "val_px_error": 10.0 - e,
                                "timestamp": 100 + e, "config": {"lr": 0.1}, "nested": {"a": float(e)},
                                "hostname": "h"}) + "\n" for e in epochs)
+
+
+def _curves(folder):
+    """TensorBoard's own reader over the event files in ``folder``, loaded."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return acc
 
 
 def _event_file(path: Path, steps, tags=("epoch", "timesteps_total", "val_px_error", "nested/a")) -> None:
@@ -1115,15 +1115,12 @@ def _event_file(path: Path, steps, tags=("epoch", "timesteps_total", "val_px_err
 def test_a_stopped_trials_curves_are_restored_too_each_epoch_once(folder, tmp_path):
     """A trial stopped before the kill reports nothing again: the epochs its logs hold are written, once
     each (the last row of an epoch its logs hold twice)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     sched = asha()
     sched.stopped["x"] = 2
     x = _stored_trial(tmp_path, "x", [], tail=_tune_rows(1) + _tune_rows(1).replace("9.0", "7.5") + _tune_rows(2),
                       n_unfrozen=0, head="mlp")
     sched.on_trial_add(None, x)
-    acc = EventAccumulator(x.storage.trial_fs_path)
-    acc.Reload()
+    acc = _curves(x.storage.trial_fs_path)
     assert [(e.step, e.value) for e in acc.Scalars("ray/tune/val_px_error")] == [(1, 7.5), (2, 8.0)]
 
 
