@@ -305,19 +305,30 @@ def _step(row: dict) -> int:
 
 
 def _trim_event_file(fs, path: str, held: int) -> set[tuple[int, str]]:
-    """Drop the summaries after step ``held`` from a stored event file; the (step, tag) pairs it keeps."""
+    """Drop the summaries after step ``held`` from a stored event file; the (step, tag) pairs it keeps.
+    A file cut by the kill's upload, or damaged, keeps the records read before the damage (TensorBoard
+    stops reading a file there): the file is rewritten without the rest, whose epochs up to ``held``
+    are then written again from the logs."""
+    from google.protobuf.message import DecodeError
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2
 
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp, "events")
         with fs.open_input_stream(path) as f:
-            local.write_bytes(f.read())
-        records = [(r, event_pb2.Event.FromString(r)) for r in RawEventFileLoader(str(local)).Load()]
+            data = f.read()
+        local.write_bytes(data)
+        records = []
+        for record in RawEventFileLoader(str(local)).Load():
+            try:
+                records.append((record, event_pb2.Event.FromString(record)))
+            except DecodeError:
+                break
     kept = [(r, e) for r, e in records if e.step <= held]
-    if len(kept) < len(records):
+    clean = _event_file_bytes(r for r, _ in kept)  # the framing is deterministic: equal bytes, nothing to do
+    if clean != data:
         with fs.open_output_stream(path) as f:
-            f.write(_event_file_bytes(r for r, _ in kept))
+            f.write(clean)
     return {(e.step, v.tag) for _, e in kept if e.HasField("summary") for v in e.summary.value}
 
 

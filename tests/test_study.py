@@ -1080,6 +1080,37 @@ def test_a_restarted_trials_tensorboard_files_on_its_own_head_are_trimmed_and_no
     assert [e.step for e in acc.Scalars("ray/tune/val_px_error")] == [1, 2]
 
 
+@pytest.mark.parametrize("damage", ["cut", "corrupt", "not an event"])
+def test_a_restarted_trials_cut_or_damaged_event_file_keeps_what_reads_and_the_logs_fill_the_rest(
+        folder, tmp_path, damage):
+    """A kill can cut an upload inside a record, and a bad copy can damage one: TensorBoard stops reading
+    a file there. The file is rewritten to the records before the damage (no half record is left for a
+    reader to wait on) and the epochs lost with the rest are written from the trial's logs."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+
+    x = _stored_trial(tmp_path, "x", [], tail=_tune_rows(1, 2), n_unfrozen=0, head="mlp")
+    stored = Path(x.storage.trial_fs_path)
+    events = stored / "events.out.tfevents.0000000100.old"
+    _event_file(events, [1, 2])
+    data = bytearray(events.read_bytes())
+    if damage == "cut":
+        data = data[:-7]  # inside epoch 2's record
+    elif damage == "corrupt":
+        data[len(data) // 2] ^= 0xFF  # a flipped byte: a record's checksum no longer matches
+    else:  # a whole record, checksums right, that is no event
+        header = len(journal._event_file_bytes(list(RawEventFileLoader(str(events)).Load())[:1]))
+        data[header:header] = journal._event_file_bytes([b"\xff\xff\xff"])
+    events.write_bytes(bytes(data))
+    asha().on_trial_add(None, x)
+    assert x.config["tune_epoch"] == 2
+    acc = _curves(str(stored))
+    assert [(e.step, e.value) for e in acc.Scalars("ray/tune/val_px_error")] == [(1, 9.0), (2, 8.0)]
+    assert [e.step for e in acc.Scalars("ray/tune/nested/a")] == [1, 2]
+    readable = list(RawEventFileLoader(str(events)).Load())
+    assert journal._event_file_bytes(readable) == events.read_bytes()  # nothing unreadable left behind
+    assert len(readable) < 3
+
+
 def _tune_rows(*epochs) -> str:
     """result.json lines as Tune logs our trials' results (step: timesteps_total = epoch)."""
     return "".join(json.dumps({"epoch": e, "timesteps_total": e, "training_iteration": e, "val_px_error": 10.0 - e,
