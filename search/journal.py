@@ -307,8 +307,8 @@ def _step(row: dict) -> int:
 def _trim_event_file(fs, path: str, held: int) -> set[tuple[int, str]]:
     """Drop the summaries after step ``held`` from a stored event file; the (step, tag) pairs it keeps.
     A file cut by the kill's upload, or damaged, keeps the records read before the damage (TensorBoard
-    stops reading a file there): the file is rewritten without the rest, whose epochs up to ``held``
-    are then written again from the logs."""
+    stops reading a file there) and is rewritten without the rest, whose epochs up to ``held`` are
+    then written again from the logs; a whole record that is no event is dropped alone."""
     from google.protobuf.message import DecodeError
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
     from tensorboard.compat.proto import event_pb2
@@ -316,19 +316,19 @@ def _trim_event_file(fs, path: str, held: int) -> set[tuple[int, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp, "events")
         with fs.open_input_stream(path) as f:
-            data = f.read()
-        local.write_bytes(data)
-        records = []
-        for record in RawEventFileLoader(str(local)).Load():
-            try:
-                records.append((record, event_pb2.Event.FromString(record)))
-            except DecodeError:
-                break
-    kept = [(r, e) for r, e in records if e.step <= held]
-    clean = _event_file_bytes(r for r, _ in kept)  # the framing is deterministic: equal bytes, nothing to do
-    if clean != data:
+            size = local.write_bytes(f.read())
+        raw = list(RawEventFileLoader(str(local)).Load())  # stops at a cut or a checksum that fails
+    events = []
+    for record in raw:
+        try:
+            events.append((record, event_pb2.Event.FromString(record)))
+        except (DecodeError, ValueError):  # ValueError: bad UTF-8 under protobuf's pure-Python backend
+            continue
+    kept = [(r, e) for r, e in events if e.step <= held]
+    # every record framed as 8 + 4 + data + 4 bytes: a file read to its end adds up to its size
+    if len(kept) < len(raw) or sum(16 + len(r) for r in raw) != size:
         with fs.open_output_stream(path) as f:
-            f.write(clean)
+            f.write(_event_file_bytes(r for r, _ in kept))
     return {(e.step, v.tag) for _, e in kept if e.HasField("summary") for v in e.summary.value}
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import optuna
 import pytest
 from ray.tune.schedulers import TrialScheduler
@@ -1085,7 +1087,8 @@ def test_a_restarted_trials_cut_or_damaged_event_file_keeps_what_reads_and_the_l
         folder, tmp_path, damage):
     """A kill can cut an upload inside a record, and a bad copy can damage one: TensorBoard stops reading
     a file there. The file is rewritten to the records before the damage (no half record is left for a
-    reader to wait on) and the epochs lost with the rest are written from the trial's logs."""
+    reader to wait on) and the epochs lost with the rest are written from the trial's logs. A whole
+    record that is no event (TensorBoard's reader raises on it) is dropped alone."""
     from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 
     x = _stored_trial(tmp_path, "x", [], tail=_tune_rows(1, 2), n_unfrozen=0, head="mlp")
@@ -1097,7 +1100,7 @@ def test_a_restarted_trials_cut_or_damaged_event_file_keeps_what_reads_and_the_l
         data = data[:-7]  # inside epoch 2's record
     elif damage == "corrupt":
         data[len(data) // 2] ^= 0xFF  # a flipped byte: a record's checksum no longer matches
-    else:  # a whole record, checksums right, that is no event
+    else:  # a whole record, checksums right, that is no event, before both epochs
         header = len(journal._event_file_bytes(list(RawEventFileLoader(str(events)).Load())[:1]))
         data[header:header] = journal._event_file_bytes([b"\xff\xff\xff"])
     events.write_bytes(bytes(data))
@@ -1108,7 +1111,29 @@ def test_a_restarted_trials_cut_or_damaged_event_file_keeps_what_reads_and_the_l
     assert [e.step for e in acc.Scalars("ray/tune/nested/a")] == [1, 2]
     readable = list(RawEventFileLoader(str(events)).Load())
     assert journal._event_file_bytes(readable) == events.read_bytes()  # nothing unreadable left behind
-    assert len(readable) < 3
+    restored = list(stored.glob("*.echotune-restored"))
+    if damage == "not an event":  # both epochs survive in the file: nothing to write from the logs
+        assert len(readable) == 3 and not restored
+    else:
+        assert len(readable) < 3 and restored
+
+
+def test_a_restarted_trials_healthy_tensorboardx_file_is_left_as_it_is(folder, tmp_path):
+    """The event files Tune's TensorBoard logger writes (tensorboardX), histograms too, are rewritten
+    only when they hold epochs to drop."""
+    from tensorboardX import SummaryWriter
+
+    x = _stored_trial(tmp_path, "x", [], tail=_tune_rows(1, 2), n_unfrozen=0, head="mlp")
+    stored = Path(x.storage.trial_fs_path)
+    with SummaryWriter(str(stored), filename_suffix=".tbx") as writer:
+        for step in (1, 2):
+            writer.add_scalar("ray/tune/val_px_error", 10.0 - step, global_step=step)
+            writer.add_histogram("ray/tune/weights", np.arange(5.0) * step, global_step=step)
+    [events] = stored.glob("events.out.tfevents*")
+    before = (events.read_bytes(), events.stat().st_mtime_ns)
+    time.sleep(0.01)
+    asha().on_trial_add(None, x)
+    assert (events.read_bytes(), events.stat().st_mtime_ns) == before
 
 
 def _tune_rows(*epochs) -> str:
