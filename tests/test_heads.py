@@ -2,11 +2,17 @@
 trained for a moment and checked to be a model that learns (issue 8).
 
 Learning check: fixed synthetic LV shapes regressed from fixed embeddings, with the same data, steps,
-optimiser and LR for every head. Held-out RMSE / mean-shape RMSE measured with this protocol, seeds
-0-2: MLP 0.32-0.33 (width 128: 0.33-0.34, 512: 0.34-0.36); gcn sparse 0.34-0.35 (width 8:
-0.34-0.38, 64: 0.31-0.33); gcn full 0.29-0.30 (width 8: 0.28-0.33, 64: 0.28-0.29). The old
-isotropic GCNConv heads: 1.02 (sparse) and 2.31 (full, all 80 points identical). Thresholds: < 0.5
-(the mean-shape error halved; worst measured 0.38) and < 1.5x the MLP (worst measured 1.15x).
+optimiser and LR for every head. Held-out RMSE / mean-shape RMSE measured with this protocol, seed
+0, heads started at the frame centre: MLP 0.27 (width 128: 0.27, 512: 0.29); gcn sparse 0.29 (width
+8: 0.30, 64: 0.27); gcn full 0.27 (width 8: 0.28, 64: 0.26). Started at the frame's corner (seeds
+0-2) they were 0.28-0.38; the old isotropic GCNConv heads 1.02 (sparse) and 2.31 (full, all 80
+points identical). Thresholds: < 0.5 (the mean-shape error halved; worst measured 0.30) and < 1.5x
+the MLP (worst measured 1.10x).
+
+At the lowest head LR a space samples (1e-4) the same fit is a short run: each head at its default
+width ends below 1.25x the mean-shape error (MLP 0.50, gcn sparse 1.08, full 0.79; from the corner
+1.01, 2.32, 1.32). Narrower heads are slower there (gcn sparse width 16: 1.63-1.85, seeds 0-2) and
+not held to it: the search tunes the head LR within each cell.
 """
 
 from __future__ import annotations
@@ -257,12 +263,14 @@ def test_every_head_starts_inside_the_frame_and_gets_near_the_mean_shape_at_the_
     """Landmarks are normalised to [0, 1]: an untrained head points at the frame's middle, not its
     corner; from the corner, a head at the lowest learning rate a space samples spent a short run
     getting to the ventricle (500 steps at 1e-4: the MLP 1.0x the mean-shape error, the GCN 2.3x
-    sparse, 1.3x full), and the search read its slow start as a worse head."""
+    sparse, 1.3x full), and the search read its slow start as a worse head. Each head at its default
+    width (narrower ones are slower at this LR: the module docstring)."""
     name, options = case
     torch.manual_seed(0)
     with torch.no_grad():
         start = build_head(name, EMB_DIM, **options).eval()(torch.randn(256, EMB_DIM))
-    assert abs(start.mean().item() - FRAME_CENTRE) < 0.1, start.mean()
+    for axis in (0, 1):  # x and y each
+        assert abs(start[..., axis].mean().item() - FRAME_CENTRE) < 0.1, (axis, start[..., axis].mean())
     result = fit(*structure(*case), lr=LOWEST_HEAD_LR)
     assert result["ratio"] < MAX_MEAN_RATIO_LOWEST_LR, result
 
