@@ -43,7 +43,7 @@ bench-quick: $(STAMP)
 	$(PY) bench/cache.py --quick
 	$(PY) bench/search.py --quick
 
-# Re-record bench/data/curves.csv (real training of the benchmark grid on CPU, ~20 minutes).
+# Re-record bench/data/curves.csv (real training of the benchmark grid on CPU, 10-20 minutes).
 bench-record: $(STAMP)
 	$(PY) bench/record_curves.py
 

@@ -11,17 +11,20 @@ what ``bench/search.py`` replays through the real Tuner.
 
 Grid (GRID below): n_unfrozen in {0, 1, 2, all} x head in {mlp, gcn} (the scientific cells) x
 lr_head in {3e-4, 1e-3, 3e-3} (the ``smoke`` space's range) x aug_strength in {0, 0.5}
-= 48 configurations x 6 epochs (6 rather than 8 keeps the recording near 20 minutes on a shared
+= 48 configurations x 6 epochs (6 rather than 8 keeps the recording under 20 minutes on a shared
 2-core machine; ASHA with grace 1 and reduction factor 2 still has rungs at 1, 2 and 4).
 Everything else is the trainer's default (heads with their default options, AdamW, encoder
 stages at base_lr 1e-4, cosine schedule, no weight decay).
 
-How ``bench/data/curves.csv`` was made (2026-11-30): ``nice python bench/record_curves.py`` on a
-shared 2-core CPU machine (torch limited to 1 thread, other people's jobs running beside it, load
-average 3-9): 48 configurations x 6 epochs in 1258 s (21 minutes; 3-16 s per epoch, frozen k = 0
-fastest, full fine-tuning slowest). The ``seconds`` column is that machine's wall time per epoch
-(training + validation) under that load: use it for relative costs only. The metrics do not
-depend on the load (seed 0, one thread, deterministic data order). ``--resume`` keeps the rows
+How ``bench/data/curves.csv`` was made (2026-12-06, re-recorded once the heads' output started at
+the frame centre, trainables/models/heads.py ``start_at_frame_centre``; the table of 2026-11-30 had
+heads started at the frame's corner, and its best configuration ended at 4.73 px where this one's
+ends at 3.47): ``nice python bench/record_curves.py`` on a shared 2-core CPU machine (torch limited
+to 1 thread, a test run beside it for part of the time): 48 configurations x 6 epochs in 595 s
+(1-4 s per epoch; the feature cache serves the frozen prefix of k < all at aug 0). The
+``seconds`` column is that machine's wall time per epoch (training + validation) under that load:
+use it for relative costs only. The metrics do not depend on the load (seed 0, one thread,
+deterministic data order). ``--resume`` keeps the rows
 already in the CSV and trains only the missing configurations (the recording can be interrupted).
 """
 
