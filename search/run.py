@@ -295,7 +295,37 @@ def settings_from(args, cluster: dict) -> dict:
                 s3_endpoint=store.safe_url(store.s3_endpoint(args.s3_endpoint)) if store.s3_endpoint(
                     args.s3_endpoint) else None,
                 cells=[get_space(args.space).cell_of(c) for c in space.cells(args.encoder)],
-                cache_views=args.cache_views)
+                cache_views=args.cache_views, code=code_version())
+
+
+def code_version() -> str:
+    """Which EchoTune runs: its git commit (``+modified`` when tracked files differ from it), else the
+    installed package's version."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        def git(*cmd):
+            return subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, timeout=5,
+                                  check=True).stdout.strip()
+        return f"git {git('rev-parse', '--short=12', 'HEAD')}" + (
+            "+modified" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return f"echotune {version('echotune')}"
+        except PackageNotFoundError:
+            return "unknown"
+
+
+def note_code_change(settings: dict) -> None:
+    """A resumed search runs today's code: trials it starts may not compare with the earlier ones
+    (a changed head init, say), and nothing else would tell."""
+    started, now = settings.get("code"), code_version()
+    if started != now:
+        print(f"note: this experiment was started by EchoTune {started or '(a version that did not record it)'}; "
+              f"this is {now}: trials run from now on use this code, so compare them with the earlier "
+              f"ones with care", flush=True)
 
 
 def concurrency(args, cluster: dict) -> int:
@@ -328,6 +358,7 @@ def resumed_settings(args) -> tuple[dict, journal.Journal]:
                          + (f"; existing here: {', '.join(existing)}" if existing else ""))
     settings = json.loads((folder / journal.SETTINGS_FILE).read_text())
     warn_ignored(args, settings)
+    note_code_change(settings)
     for key in RESUMED_KEYS:
         if key in settings:
             setattr(args, key, settings[key])

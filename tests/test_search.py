@@ -153,6 +153,33 @@ def assert_no_secret(folder: Path, *outputs: str) -> None:
             assert SECRET.encode() not in data and KEY_ID.encode() not in data, path
 
 
+def test_a_resume_by_other_code_says_so_and_by_the_same_code_says_nothing(capsys):
+    """A resumed search runs today's code: its new trials may not compare with the earlier ones (a
+    changed head init, say), so the resume says which code started the experiment and which runs now."""
+    from search.run import code_version, note_code_change
+
+    now = code_version()
+    note_code_change({"code": now})
+    assert capsys.readouterr().out == ""
+    note_code_change({"code": "git 0123456789ab"})
+    out = capsys.readouterr().out
+    assert "started by EchoTune git 0123456789ab" in out and f"this is {now}" in out
+    note_code_change({})  # an experiment from before the version was recorded
+    assert "a version that did not record it" in capsys.readouterr().out
+
+
+def test_the_code_version_is_the_checkouts_commit_else_the_package_version():
+    from search.run import code_version
+
+    head = subprocess.run(["git", "-C", str(Path(__file__).resolve().parents[1]), "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True)
+    version = code_version()
+    if head.returncode == 0:  # a git checkout (CI's too)
+        assert version in (f"git {head.stdout.strip()}", f"git {head.stdout.strip()}+modified"), version
+    else:
+        assert version.startswith("echotune "), version
+
+
 def study_of(folder: Path):
     settings = json.loads((folder / "search_config.json").read_text())
     return optuna.load_study(study_name=settings["study_name"], storage=f"sqlite:///{folder / 'optuna.db'}")
@@ -171,6 +198,8 @@ def test_search_end_to_end(search_data, s3_endpoint, tmp_path):
     folder = tmp_path / "e2e"
     assert f"experiment folder: {folder}" in out and f"tensorboard --logdir {folder}" in out
     assert "budget: 4 cells (n_unfrozen x head) x 1 trial(s) each, then 1 chosen by the sampler" in out
+    from search.run import code_version
+    assert json.loads((folder / "search_config.json").read_text())["code"] == code_version()  # for --resume
 
     pareto = subprocess.run([sys.executable, "-m", "search.pareto", str(folder), "--evaluate-test"],
                             capture_output=True, text=True, timeout=300, env=env())
