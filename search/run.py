@@ -298,24 +298,28 @@ def settings_from(args, cluster: dict) -> dict:
                 cache_views=args.cache_views, code=code_version())
 
 
-def code_version() -> str:
-    """Which EchoTune runs: its git commit (``+modified`` when tracked files differ from it), else the
-    installed package's version."""
+def code_version(root: Path | None = None) -> str:
+    """Which EchoTune runs: the git commit of its checkout ``root`` (default: this file's; ``+modified``
+    when tracked files differ from it), else the installed package's version."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = (root or Path(__file__).parents[1]).resolve()
+
+    def git(*cmd):
+        return subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip()
     try:
-        def git(*cmd):
-            return subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, timeout=5,
-                                  check=True).stdout.strip()
-        return f"git {git('rev-parse', '--short=12', 'HEAD')}" + (
-            "+modified" if git("status", "--porcelain", "--untracked-files=no") else "")
+        # only EchoTune's own checkout: an installed copy may sit inside someone else's repository
+        if Path(git("rev-parse", "--show-toplevel")).resolve() == root:
+            return f"git {git('rev-parse', '--short=12', 'HEAD')}" + (
+                "+modified" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
-        from importlib.metadata import PackageNotFoundError, version
-        try:
-            return f"echotune {version('echotune')}"
-        except PackageNotFoundError:
-            return "unknown"
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"echotune {version('echotune')}"
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def note_code_change(settings: dict) -> None:

@@ -180,6 +180,16 @@ def test_the_code_version_is_the_checkouts_commit_else_the_package_version():
         assert version.startswith("echotune "), version
 
 
+def test_an_echotune_copy_inside_another_repository_is_named_by_its_version_not_that_commit(tmp_path):
+    from search.run import code_version
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "someone else's project"], check=True)
+    (tmp_path / "site-packages").mkdir()
+    assert code_version(tmp_path / "site-packages").startswith("echotune "), code_version(tmp_path / "site-packages")
+
+
 def study_of(folder: Path):
     settings = json.loads((folder / "search_config.json").read_text())
     return optuna.load_study(study_name=settings["study_name"], storage=f"sqlite:///{folder / 'optuna.db'}")
