@@ -1,7 +1,7 @@
 """Search-efficiency benchmark: epochs to a good Pareto front, replayed through the real Tuner.
 
     python bench/search.py [--quick] [--seeds N] [--per-cell K] [--overhead-trials N] [--curves CSV]
-                            [--strategies LIST] [--cell-order rounds|together]
+                            [--strategies LIST] [--cell-order rounds|spread|together]
 
 ``bench/data/curves.csv`` holds the per-epoch learning curves of a grid of ``smoke``-like
 configurations trained for real on the synthetic task (``bench/record_curves.py`` made it; its
@@ -11,12 +11,17 @@ epoch by epoch (no Ray Train, no sleeping), one trial at a time:
 
 * ``echotune``: EchoTune's default search (``search.run``): ``TruthfulOptunaSearch`` with every
   scientific cell (n_unfrozen x head) enqueued ``--per-cell`` times (``cell_points``: in rounds of
-  every cell once), nuisance parameters (lr_head, aug_strength) from ``make_sampler("tpe")`` (TPE
-  wrapped in ``CellwiseSampler``: fitted to the whole study until a cell has trials of its own, no
-  repeats within a cell), under its ``KeepTellingLimiter`` (one trial at a time), and
+  every cell once, cheapest first: ``Space.cells``), nuisance parameters (lr_head, aug_strength)
+  from ``make_sampler("tpe")`` (TPE wrapped in ``CellwiseSampler``: a cell's first trial at the
+  centre of every range, i.e. the grid's middle learning rate and its first augmentation strength;
+  later ones fitted to the whole study until a cell has trials of its own, no repeats within a
+  cell), under its ``KeepTellingLimiter`` (one trial at a time), and
   ``StratifiedASHA`` by cell (time_attr epoch, grace 1, reduction factor 2, max_t = E) that from
   ASHA's second rung pauses a trial dominated by a cheaper trial of another cell and resumes it
   after every other trial (``--scheduler asha``, ``search/schedulers.py``);
+* ``echotune_sampled``: the same with ``--cell-start sampled`` (a cell's first trial drawn, from
+  TPE's random start-up, then from TPE fitted to the whole study: the default before the centre
+  start);
 * ``echotune_cells``: the same with ``--scheduler asha-cells`` (ASHA within each cell only: the
   default before deferral);
 * ``echotune_pareto``: the same with ``--scheduler asha-pareto`` (such a trial is stopped, not
@@ -98,8 +103,10 @@ REF_ERROR, REF_PARAMS_FACTOR = 20.0, 1.1  # search.pareto's defaults
 METRIC, MODE = "val_px_error", "min"
 SPACE_NAME = "bench_curves"
 SCIENTIFIC = ("n_unfrozen", "head")
-STRATEGIES = ("echotune", "echotune_cells", "echotune_pareto", "asha_tpe", "random", "grid")
-SCHEDULER_FLAG = {"echotune": "asha", "echotune_cells": "asha-cells", "echotune_pareto": "asha-pareto"}
+STRATEGIES = ("echotune", "echotune_sampled", "echotune_cells", "echotune_pareto", "asha_tpe", "random", "grid")
+SCHEDULER_FLAG = {"echotune": "asha", "echotune_sampled": "asha", "echotune_cells": "asha-cells",
+                  "echotune_pareto": "asha-pareto"}
+CELL_START = {"echotune_sampled": "sampled"}  # else search.run's default, --cell-start centre
 DEFAULT_CURVES = Path(__file__).resolve().parent / "data" / "curves.csv"
 REPORTED = ("epoch", "val_px_error", "val_px_error_ed", "val_px_error_es", "val_pct_error", "val_dice_ed",
             "val_dice_es", "val_ef_mae_label", "val_ef_mae_contour", "train_loss", "trainable_params",
@@ -302,17 +309,35 @@ def cost_to_target(finished: list[dict], curves: Curves, target: float = TARGET)
 # One replayed search
 # ---------------------------------------------------------------------------------------------
 
-CELL_ORDERS = ("rounds", "together")
+CELL_ORDERS = ("rounds", "spread", "together")
 CELL_ORDER = ["rounds"]  # --cell-order
 
 
+def spread(values: list) -> list:
+    """Both ends first, then the midpoints of the gaps, recursively: [0, 1, 2, all] -> [0, all, 1, 2]
+    (the order ``Space.cells`` gave before it went cheapest first)."""
+    order, gaps = list(values[:1]) + list(values[1:][-1:]), [(0, len(values) - 1)]
+    while gaps:
+        lo, hi = gaps.pop(0)
+        if hi - lo > 1:
+            mid = (lo + hi) // 2
+            order.append(values[mid])
+            gaps += [(lo, mid), (mid, hi)]
+    return order
+
+
 def ordered_points(cells: list[dict], per_cell: int) -> list[dict]:
-    """The enqueued cells: ``search.run``'s rounds (``cell_points``), or with ``--cell-order together``
-    each cell's trials one after another (the order before rounds, for comparison)."""
+    """The enqueued cells: ``search.run``'s rounds (``cell_points``, cheapest first); with
+    ``--cell-order spread`` the same rounds with each scientific value list in ``spread`` order (the
+    order before, for comparison); with ``together`` each cell's trials one after another (the order
+    before rounds)."""
     from search.study import cell_points
 
     if CELL_ORDER[0] == "together":
         return [dict(c) for c in cells for _ in range(per_cell)]
+    if CELL_ORDER[0] == "spread":
+        rank = {name: spread(list(dict.fromkeys(c[name] for c in cells))) for name in SCIENTIFIC}
+        cells = sorted(cells, key=lambda c: [rank[name].index(c[name]) for name in SCIENTIFIC])
     return cell_points(cells, per_cell)
 
 
@@ -334,7 +359,8 @@ def build(strategy: str, curves: Curves, seed: int, per_cell: int, folder: Path)
     fn = GridSpace(curves.grid)
     if strategy.startswith("echotune"):
         journal.set_folder(folder)  # the study, scheduler.json: this run's own folder
-        sampler, _ = make_sampler("tpe", seed, scientific=space.scientific, per_cell=per_cell, num_samples=n)
+        sampler, _ = make_sampler("tpe", seed, scientific=space.scientific, per_cell=per_cell, num_samples=n,
+                                  cell_start=CELL_START.get(strategy, "centre"))
         searcher = TruthfulOptunaSearch(space=fn, metric=METRIC, mode=MODE, sampler=sampler,
                                         study_name=f"bench-{seed}-{uuid.uuid4().hex[:8]}",
                                         points_to_evaluate=ordered_points(cells, per_cell),
@@ -540,8 +566,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated, among {', '.join(STRATEGIES)} (default all; echotune and grid always run: "
                         f"the ratio needs them)")
     p.add_argument("--cell-order", choices=CELL_ORDERS, default="rounds",
-                   help="how the echotune searches enqueue cells: rounds (default, as search.run) or together "
-                        "(each cell's trials one after another)")
+                   help="how the echotune searches enqueue cells: rounds (default, as search.run: every cell once, "
+                        "cheapest first, then again), spread (the same rounds, frozen and full fine-tuning first, "
+                        "then between: the order before) or together (each cell's trials one after another)")
     args = p.parse_args(argv)
     CELL_ORDER[0] = args.cell_order
     asked = {x.strip() for x in args.strategies.split(",") if x.strip()}

@@ -32,6 +32,7 @@ from search.tuner import METRIC, MODE, experiment_uri, weights_map
 from trainables.data import storage as store
 
 SAMPLERS = ("tpe", "nsga2", "random", "qmc")
+CELL_STARTS = ("centre", "sampled")  # search.study.CellwiseSampler.STARTS (not imported: --help stays light)
 TRAINABLES = ("train", "rehearsal")
 SCHEDULERS = ("asha", "asha-cells", "asha-pareto", "none")
 DEMO_VIDEOS = 120
@@ -72,6 +73,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before the first rung (default 1)")
     g.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor, >= 2 (default 2)")
     g.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler (default tpe)")
+    g.add_argument("--cell-start", default="centre", choices=CELL_STARTS,
+                   help="--sampler tpe: a cell's first trial takes every nuisance parameter at the centre of its "
+                        "range, e.g. a log-uniform LR in [1e-4, 1e-2] at 1e-3 (centre, the default: the first round "
+                        "compares the cells at one shared setting), or draws them (sampled)")
     g.add_argument("--scheduler", default="asha", choices=SCHEDULERS,
                    help="early stopping: asha (default): ASHA within each scientific cell, and from ASHA's second "
                         "rung a trial is paused when one of another cell with fewer trainable parameters already "
@@ -282,13 +287,13 @@ def settings_from(args, cluster: dict) -> dict:
 
     space = get_space(args.space)
     _, sampler_notes = make_sampler(args.sampler, args.seed, scientific=space.scientific, per_cell=args.per_cell,
-                                    num_samples=args.num_samples)
+                                    num_samples=args.num_samples, cell_start=args.cell_start)
     return dict(space=args.space, trainable=args.trainable, encoder=args.encoder, weights=args.weights,
                 weights_sha256=args.weights_sha256, data=args.data,
                 storage=str(Path(args.storage).resolve()) if not store.is_remote(args.storage) else args.storage,
                 name=args.name, num_samples=args.num_samples, per_cell=args.per_cell, max_epochs=args.max_epochs,
                 grace_period=args.grace_period, reduction_factor=args.reduction_factor, sampler=args.sampler,
-                sampler_notes=sampler_notes, scheduler=args.scheduler, seed=args.seed,
+                cell_start=args.cell_start, sampler_notes=sampler_notes, scheduler=args.scheduler, seed=args.seed,
                 multi_objective=args.multi_objective, workers_per_trial=args.workers_per_trial,
                 gpus_per_worker=args.gpus_per_worker, max_concurrent=concurrency(args, cluster), metric=METRIC,
                 mode=MODE, study_name=f"{args.name}-{uuid.uuid4().hex[:8]}", batch_size=args.batch_size,
@@ -383,7 +388,8 @@ def resumed_settings(args) -> tuple[dict, journal.Journal]:
 
 
 IGNORED_ON_RESUME = ("space", "encoder", "weights", "data", "num_samples", "per_cell", "max_epochs", "seed",
-                     "batch_size", "grace_period", "reduction_factor", "sampler", "scheduler", "multi_objective",
+                     "batch_size", "grace_period", "reduction_factor", "sampler", "cell_start", "scheduler",
+                     "multi_objective",
                      "workers_per_trial", "gpus_per_worker", "trainable")
 
 

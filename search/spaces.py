@@ -48,15 +48,19 @@ class Space:
     grid: Callable[[str], dict[str, list] | list[dict]] | None = None
 
     def cells(self, encoder: str) -> list[dict]:
-        """Every combination of the scientific values (the first varies slowest), each value list in
-        ``spread`` order: a search that tries cells in this order anchors both ends of the front
-        (frozen and full fine-tuning) before it fills in between."""
+        """Every combination of the scientific values (the first varies slowest), each value list as
+        the space lists it: the least adapted first (a frozen encoder, then more blocks, full
+        fine-tuning last; MLP before GCN). A search enqueues cells in this order, so the cheaper
+        regimes report first and each costlier trial meets their results at its rungs: the default
+        scheduler pauses one that is no better than a cheaper model at equal epochs
+        (search/schedulers.py). Both ends of the front first, the order before, let full
+        fine-tuning run second, with only the frozen cell to meet (bench/search.py)."""
         grid = self.grid(encoder) if self.grid else {}
         if isinstance(grid, list):
             return [dict(c) for c in grid]
         cells = [{}]
         for name in self.scientific:
-            cells = [c | {name: v} for c in cells for v in spread(grid[name])]
+            cells = [c | {name: v} for c in cells for v in grid[name]]
         return cells
 
     def cell_of(self, params: dict) -> str:
@@ -76,21 +80,6 @@ def register_space(name: str, **kwargs):
         SPACES[name] = Space(fn=fn, **kwargs)
         return fn
     return wrap
-
-
-def spread(values) -> list:
-    """Both ends first, then the midpoints of the gaps, recursively: [0, 1, 2, 4, all] -> [0, all, 2, 1, 4]."""
-    values = list(values)
-    if len(values) <= 2:
-        return values
-    order, gaps = [values[0], values[-1]], [(0, len(values) - 1)]
-    while gaps:
-        lo, hi = gaps.pop(0)
-        if hi - lo > 1:
-            mid = (lo + hi) // 2
-            order.append(values[mid])
-            gaps += [(lo, mid), (mid, hi)]
-    return order
 
 
 def cell_key(params: dict, scientific: tuple[str, ...]) -> str:
@@ -151,9 +140,9 @@ def unfreeze_ks(encoder: str) -> list:
 
 def regime_cells(encoder: str) -> list[dict]:
     """selective_ft's cells: unfreeze k x head, then LoRA on the last L blocks x head."""
-    cells = [{"regime": "unfreeze", "n_unfrozen": k, "head": h} for k in spread(unfreeze_ks(encoder)) for h in HEADS]
+    cells = [{"regime": "unfreeze", "n_unfrozen": k, "head": h} for k in unfreeze_ks(encoder) for h in HEADS]
     if encoder in lora_encoders():
-        cells += [{"regime": "lora", "lora_last": n, "head": h} for n in spread(lora_lasts(encoder)) for h in HEADS]
+        cells += [{"regime": "lora", "lora_last": n, "head": h} for n in lora_lasts(encoder) for h in HEADS]
     return cells
 
 

@@ -17,14 +17,14 @@ and ``study.best_trials`` shows points that never finished. ``TruthfulOptunaSear
 
 Cells: every scientific cell of the space is enqueued ``per_cell`` times (``enqueue_trial`` with
 partial parameters) before the sampler may exploit, in rounds: each cell once in ``Space.cells``
-order (both ends of the front first, then between), then each cell again, and so on. A first round
-gives every cell an answer early, and each cell's second trial is sampled knowing all of the first
-round (bench/search.py, 21 seeds, rounds against a cell's trials together, measured before the
-default scheduler paused dominated trials: median 30 against 34 summed epochs to the target with
-ASHA by cell, ``--scheduler asha-cells`` now; 22 against 30 with ``--scheduler asha-pareto``).
+order (cheapest first), then each cell again, and so on. A first round gives every cell an answer
+early, and each cell's second trial is sampled knowing all of the first round (bench/search.py, 21
+seeds, rounds against a cell's trials together, measured before the default scheduler paused
+dominated trials: median 30 against 34 summed epochs to the target with ASHA by cell,
+``--scheduler asha-cells`` now; 22 against 30 with ``--scheduler asha-pareto``).
 ``CellwiseSampler`` tunes nuisance settings within each cell (tuning_playbook: compare scientific
-values, each with its best nuisance settings), starting from what worked in the other cells until
-the cell has trials of its own.
+values, each with its best nuisance settings): a cell's first trial at the centre of every range,
+later ones from what worked in the other cells until the cell has trials of its own.
 """
 
 from __future__ import annotations
@@ -92,6 +92,22 @@ class _View:
         return getattr(self._study, name)
 
 
+def centre(distribution):
+    """The middle of a distribution's range: the geometric mean of a log range, on its step; the
+    middle choice of a categorical one (the lower of two middles: choices are listed from the
+    default or the smallest, e.g. widths [16, 32, 64] -> 32, graphs [sparse, full] -> sparse)."""
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return distribution.choices[(len(distribution.choices) - 1) // 2]
+    low, high = distribution.low, distribution.high
+    mid = math.sqrt(low * high) if distribution.log else (low + high) / 2
+    step = getattr(distribution, "step", None)
+    if step:
+        mid = low + round((mid - low) / step) * step
+    if isinstance(distribution, optuna.distributions.IntDistribution):
+        mid = int(round(mid))
+    return min(max(mid, low), high)
+
+
 class CellwiseSampler(BaseSampler):
     """Samples scientific parameters from the whole study and nuisance ones per cell.
 
@@ -99,21 +115,31 @@ class CellwiseSampler(BaseSampler):
     enqueued trial knows them from the start). Before that, relative sampling is skipped and each
     parameter is sampled on its own. Once it is known:
 
-    * nuisance parameters come from the base sampler fitted to the cell's own trials, as soon as
-      the cell holds the base's start-up number of finished trials (TPE's ``n_startup_trials``);
-      until then, from the base fitted to the whole study. A fresh cell's first guess at a
-      learning rate is then what worked in the other cells, not a random draw: with a handful of
-      trials per cell, TPE would otherwise never leave its random start-up within a cell
-      (bench/search.py: with 2 per cell, every nuisance setting was random);
+    * with ``start="centre"`` (the default) a cell's first trial takes every nuisance parameter at
+      the centre of its range (``centre``), as Vizier starts its searches: the first round then
+      compares the cells at one shared, middling setting rather than at draws that differ from
+      cell to cell, and no regime is judged on one unlucky learning rate (bench/search.py: a
+      first draw at the low end of the learning rate left its cell off the front until its second
+      trial, a whole round later). ``"sampled"`` draws it as below;
+    * other nuisance parameters come from the base sampler fitted to the cell's own trials, as
+      soon as the cell holds the base's start-up number of finished trials (TPE's
+      ``n_startup_trials``); until then, from the base fitted to the whole study. A cell's next
+      guess at a learning rate is then what worked in the other cells, not a random draw: with a
+      handful of trials per cell, TPE would otherwise never leave its random start-up within a
+      cell (bench/search.py: with 2 per cell, every nuisance setting was random);
     * a trial does not repeat the nuisance parameters of an earlier trial of its cell (categorical
       spaces such as bench/search.py's grid repeat often: 1 trial in 8 there; continuous ones
       hardly ever), unless ``RETRIES`` draws from the base and as many at random all did.
     """
 
     RETRIES = 16
+    STARTS = ("centre", "sampled")
 
-    def __init__(self, base: BaseSampler, scientific: tuple[str, ...], seed: int | None = None):
-        self.base, self.scientific = base, tuple(scientific)
+    def __init__(self, base: BaseSampler, scientific: tuple[str, ...], seed: int | None = None,
+                 start: str = "centre"):
+        if start not in self.STARTS:
+            raise ValueError(f"unknown cell start {start!r}; choose one of {', '.join(self.STARTS)}")
+        self.base, self.scientific, self.start = base, tuple(scientific), start
         # not the base's own seed: TPE's start-up draws with RandomSampler(seed) and would repeat them
         self._random = optuna.samplers.RandomSampler(seed=None if seed is None else seed + 1)
 
@@ -122,6 +148,7 @@ class CellwiseSampler(BaseSampler):
         # has no random stream of its own
         self.__dict__.update(state)
         self.__dict__.setdefault("_random", optuna.samplers.RandomSampler())
+        self.__dict__.setdefault("start", "sampled")  # what it did before the centre start existed
 
     def cell_of(self, trial) -> tuple | None:
         """The trial's cell, once its last scientific parameter is known (spaces suggest it after any
@@ -130,6 +157,16 @@ class CellwiseSampler(BaseSampler):
         if self.scientific[-1] not in params:
             return None
         return tuple(params.get(s) for s in self.scientific)
+
+    def first_in_cell(self, study, trial) -> bool:
+        """Whether no other trial of the trial's cell has started (enqueued ones wait: WAITING)."""
+        cell = self.cell_of(trial)
+        started = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        return cell is not None and not any(t.number != trial.number and self.cell_of(t) == cell
+                                            for t in study._get_trials(deepcopy=False, states=started))
+
+    def _at_centre(self, study, trial) -> bool:
+        return self.start == "centre" and self.first_in_cell(study, trial)
 
     def _view(self, study, trial):
         """The trials the base sampler learns from: the cell's own once there are enough of them.
@@ -157,6 +194,8 @@ class CellwiseSampler(BaseSampler):
     def sample_relative(self, study, trial, search_space):
         if not search_space:
             return {}
+        if self._at_centre(study, trial):
+            return {name: centre(d) for name, d in search_space.items()}
         view, cell = self._view(study, trial), self.cell_of(trial)
         tried = [{k: v for k, v in t.params.items() if k not in self.scientific}
                  for t in study._get_trials(deepcopy=False, states=None)
@@ -188,6 +227,8 @@ class CellwiseSampler(BaseSampler):
             study._storage.set_trial_system_attr(trial._trial_id, key, text[i:i + _SYSTEM_ATTR_MAX_LENGTH])
 
     def sample_independent(self, study, trial, param_name, param_distribution):
+        if param_name not in self.scientific and self._at_centre(study, trial):
+            return centre(param_distribution)
         view = self._visible(study) if param_name in self.scientific else self._view(study, trial)
         return self.base.sample_independent(view, trial, param_name, param_distribution)
 
@@ -203,7 +244,7 @@ class CellwiseSampler(BaseSampler):
 
 
 def make_sampler(name: str, seed: int, *, scientific: tuple[str, ...], per_cell: int, num_samples: int,
-                 n_objectives: int = 1) -> tuple[BaseSampler, list[str]]:
+                 n_objectives: int = 1, cell_start: str = "centre") -> tuple[BaseSampler, list[str]]:
     """The sampler for ``--sampler``, adapted to the budget; returns it and notes to print."""
     notes = []
     if name == "tpe":
@@ -218,7 +259,10 @@ def make_sampler(name: str, seed: int, *, scientific: tuple[str, ...], per_cell:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # group=True
             base = optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
                                               warn_independent_sampling=False)
-        return CellwiseSampler(base, scientific, seed), notes
+        if cell_start == "centre":
+            notes.append("each cell's first trial: every nuisance parameter at the centre of its range "
+                         "(--cell-start sampled draws it)")
+        return CellwiseSampler(base, scientific, seed, start=cell_start), notes
     if name == "nsga2":
         population = 50
         if population * 2 > num_samples:

@@ -65,7 +65,8 @@ def make_searcher(settings: dict, folder: Path, base: dict):
     multi = settings["multi_objective"]
     sampler, _ = make_sampler(settings["sampler"], settings["seed"], scientific=space.scientific,
                               per_cell=settings["per_cell"], num_samples=settings["num_samples"],
-                              n_objectives=2 if multi else 1)
+                              n_objectives=2 if multi else 1,
+                              cell_start=settings.get("cell_start", "sampled"))  # (before it existed: drawn)
     points = cell_points(space.cells(settings["encoder"]), settings["per_cell"])
     if existing_trials(folder, settings["study_name"]):
         points = []  # a study that already exists has its cells enqueued

@@ -90,10 +90,15 @@ def test_every_strategy_replays_through_the_real_tuner(ray_instance, tmp_path):
     before = dict(journal._STATE)
     results = b.replay(curves, seeds=[0], per_cell=1, workdir=tmp_path)
     for seed_runs in zip(*results.values()):
-        echotune, cells, pareto, asha_tpe, random_search, grid = seed_runs
+        echotune, sampled, cells, pareto, asha_tpe, random_search, grid = seed_runs
         for r in seed_runs:
             assert r["errors"] == 0 and r["epochs_to_target"] <= r["total_epochs"]
-        assert echotune["trials"] == cells["trials"] == pareto["trials"] == asha_tpe["trials"] == random_search["trials"] == 4
+        assert echotune["trials"] == sampled["trials"] == cells["trials"] == pareto["trials"] == \
+            asha_tpe["trials"] == random_search["trials"] == 4
+        # each cell's first trial at the centre: the one learning rate, the first augmentation strength
+        assert sorted(key for key, _ in echotune["runs"]) == sorted(f"{c}-lr0.001-aug0" for c in
+                                                                    ("k0-mlp", "k0-gcn", "kall-mlp", "kall-gcn"))
+        assert echotune["runs"][0][0] == "k0-mlp-lr0.001-aug0"  # cheapest first
         # each cell once; a cell's first trial is never stopped by its own ASHA ...
         assert cells["completed"] == 4 and cells["total_epochs"] == 4 * E and cells["deferred"] == 0
         # ... and by default, a dominated one is paused and resumed after the others: it loses no epoch
@@ -110,3 +115,17 @@ def test_every_strategy_replays_through_the_real_tuner(ray_instance, tmp_path):
     assert set(summary) == set(b.STRATEGIES)
     # the process-wide search state is left as it was found
     assert b.SPACE_NAME not in SPACES and journal._STATE == before
+
+
+def test_spread_order_is_the_order_before_cheapest_first():
+    b = load_bench()
+    assert b.spread([0, 1, 2, 4, 8, 16, "all"]) == [0, "all", 4, 1, 8, 2, 16]
+    assert b.spread([0]) == [0] and b.spread([0, 1]) == [0, 1]
+    cells = [{"n_unfrozen": k, "head": h} for k in (0, 1, 2, "all") for h in ("mlp", "gcn")]
+    try:
+        b.CELL_ORDER[0] = "spread"
+        points = b.ordered_points(cells, 2)
+    finally:
+        b.CELL_ORDER[0] = "rounds"
+    assert [p["n_unfrozen"] for p in points[:8:2]] == [0, "all", 1, 2] and points[8:] == points[:8]
+    assert b.ordered_points(cells, 2) == cells + cells  # search.run's: cheapest first, in rounds

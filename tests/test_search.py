@@ -100,6 +100,23 @@ def test_searcher_study_is_persistent_and_unique(tmp_path, multi):
     assert [t.state.name for t in study.trials] == ["RUNNING", "WAITING", "WAITING", "WAITING"]  # 4 cells enqueued
 
 
+@pytest.mark.parametrize("recorded, start", [("centre", "centre"), ("sampled", "sampled"), (None, "sampled")])
+def test_searcher_starts_cells_as_the_experiment_recorded(tmp_path, recorded, start):
+    """--cell-start reaches the sampler; an experiment from before the flag resumes as it ran: drawn."""
+    from search.run import parser, settings_from
+    from search.tuner import make_searcher
+
+    settings = {"space": "smoke", "encoder": "tiny", "multi_objective": False, "sampler": "tpe", "seed": 0,
+                "study_name": "exp", "per_cell": 1, "num_samples": 4, "max_epochs": 3}
+    if recorded:
+        args = parser().parse_args(["--space", "smoke", "--encoder", "tiny", "--per-cell", "1", "--num-samples", "4",
+                                    "--cell-start", recorded, "--gpus-per-worker", "0", "--max-concurrent", "1",
+                                    "--max-epochs", "3", "--storage", str(tmp_path), "--name", "exp"])
+        settings["cell_start"] = settings_from(args, {"CPU": 2})["cell_start"]
+    searcher = make_searcher(settings, tmp_path, {"encoder": {"name": "tiny"}, "data": {"uri": "x"}})
+    assert searcher._sampler.start == start
+
+
 def test_pareto_mask_matches_brute_force():
     rng = np.random.default_rng(0)
     pts = np.round(rng.uniform(0, 10, (60, 2)), 0)  # rounding makes ties
@@ -362,6 +379,8 @@ def test_bad_flags_list_the_valid_choices():
     assert bad_space.returncode == 2 and "selective_ft" in bad_space.stderr and "smoke" in bad_space.stderr
     bad_sampler = run_cli("--sampler", "cmaes")
     assert bad_sampler.returncode == 2 and "tpe" in bad_sampler.stderr and "qmc" in bad_sampler.stderr
+    bad_start = run_cli("--cell-start", "middle")
+    assert bad_start.returncode == 2 and "'centre', 'sampled'" in bad_start.stderr
 
 
 def test_missing_data_unreachable_endpoint_and_bad_resume(tmp_path):

@@ -18,8 +18,8 @@ from ray.tune.search import Searcher
 
 from search import journal
 from search.schedulers import StratifiedASHA
-from search.spaces import SPACES, SpaceFn
-from search.study import (FAIL_REASON, TUNE_TRIAL_ID, CellwiseSampler, TruthfulOptunaSearch, cell_points,
+from search.spaces import LORA_RANKS, SPACES, SpaceFn
+from search.study import (FAIL_REASON, TUNE_TRIAL_ID, CellwiseSampler, TruthfulOptunaSearch, cell_points, centre,
                           make_sampler, study_url)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -33,9 +33,11 @@ def folder(tmp_path):
     journal._STATE.update(folder=None, searcher=None, journal=None)
 
 
-def searcher(folder, space="smoke", per_cell=1, num_samples=8, multi=False, sampler="tpe", seed=0, enqueue=True):
+def searcher(folder, space="smoke", per_cell=1, num_samples=8, multi=False, sampler="tpe", seed=0, enqueue=True,
+             cell_start="centre"):
     s = SPACES[space]
-    smp, _ = make_sampler(sampler, seed, scientific=s.scientific, per_cell=per_cell, num_samples=num_samples)
+    smp, _ = make_sampler(sampler, seed, scientific=s.scientific, per_cell=per_cell, num_samples=num_samples,
+                          cell_start=cell_start)
     return TruthfulOptunaSearch(space=SpaceFn(space, "tiny", BASE), sampler=smp, study_name="s",
                                 metric=["val_px_error", "trainable_params"] if multi else "val_px_error",
                                 mode=["min", "min"] if multi else "min",
@@ -64,10 +66,11 @@ def test_every_space_declares_a_grid_over_its_scientific_parameters(space):
     assert len({s.cell_of(c) for c in cells}) == len(cells)  # no cell twice
 
 
-def test_every_cell_is_tried_before_the_sampler_exploits_ends_of_the_front_first(folder):
+def test_every_cell_is_tried_before_the_sampler_exploits_cheapest_first(folder):
     cells = SPACES["selective_ft"].cells("echoprime")
     ks = [c.get("n_unfrozen", c.get("lora_last")) for c in cells[::2]]
-    assert ks == [0, "all", 4, 1, 8, 2, 16, 2, 16, 4]  # frozen and full first, then between; then LoRA depths
+    assert ks == [0, 1, 2, 4, 8, 16, "all", 2, 4, 16]  # frozen first, full fine-tuning last; then LoRA depths
+    assert [c["head"] for c in cells[:2]] == ["mlp", "gcn"]
     points = cell_points(cells, 2)
     assert points == [c for _ in (0, 1) for c in cells]  # in rounds: every cell once, then every cell again
     cells = SPACES["selective_ft"].cells("tiny")
@@ -78,7 +81,7 @@ def test_every_cell_is_tried_before_the_sampler_exploits_ends_of_the_front_first
     for c in seen:  # the sampler filled in the nuisance parameters of each enqueued cell
         assert "aug_strength" in c and "head_dropout" in c and any(k.startswith("lr_") for k in c)
     free = s.suggest("free")  # the budget beyond the cells: the sampler chooses the cell too
-    assert {"n_unfrozen", "head"} <= set(free)
+    assert {"regime", "head"} <= set(free) and len({"n_unfrozen", "lora_last"} & set(free)) == 1
 
 
 class _Spy(optuna.samplers.RandomSampler):
@@ -104,7 +107,7 @@ def _ask(st, head, lr_choices=(1e-4, 1e-3, 1e-2), value=1.0):
 
 def test_nuisance_parameters_come_from_the_whole_study_until_the_cell_has_its_own_start_up():
     spy = _Spy(startup=2)
-    st = optuna.create_study(sampler=CellwiseSampler(spy, ("head",), seed=0))
+    st = optuna.create_study(sampler=CellwiseSampler(spy, ("head",), seed=0, start="sampled"))
     for head in ("mlp", "gcn", "mlp", "mlp", "gcn"):
         _ask(st, head)
     lr_views = [view for name, view in spy.seen if name == "lr"]
@@ -115,11 +118,12 @@ def test_nuisance_parameters_come_from_the_whole_study_until_the_cell_has_its_ow
 
 
 def test_a_fresh_cell_starts_from_the_nuisance_setting_that_worked_in_the_others():
-    """TPE fitted to the whole study: the learning rate that won in the mlp cell is the gcn cell's
-    first guess (random start-up alone would pick it 1 time in 4)."""
+    """--cell-start sampled: TPE fitted to the whole study; the learning rate that won in the mlp
+    cell is the gcn cell's first guess (random start-up alone would pick it 1 time in 4)."""
     picks = []
     for seed in range(8):
-        sampler, _ = make_sampler("tpe", seed, scientific=("head",), per_cell=2, num_samples=8)
+        sampler, _ = make_sampler("tpe", seed, scientific=("head",), per_cell=2, num_samples=8,
+                                  cell_start="sampled")
         st = optuna.create_study(sampler=sampler)
         for lr in (1e-4, 1e-3, 1e-2, 1e-1):
             st.enqueue_trial({"head": "mlp", "lr": lr})
@@ -166,6 +170,53 @@ def test_no_repeats_either_when_other_cells_have_conditional_parameters():
         mlp = [t.params["lr"] for t in st.trials if t.params["head"] == "mlp"]
         gcn = [(t.params["lr"], t.params["gcn_width"]) for t in st.trials if t.params["head"] == "gcn"]
         assert len(set(mlp)) == 3 and len(set(gcn)) == 3, (seed, mlp, gcn)
+
+
+@pytest.mark.parametrize("distribution, middle", [
+    (optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True), 1e-3),
+    (optuna.distributions.FloatDistribution(0.0, 0.5), 0.25),
+    (optuna.distributions.IntDistribution(1, 9), 5),
+    (optuna.distributions.IntDistribution(1, 50, log=True), 7),  # 7.07, an integer
+    (optuna.distributions.IntDistribution(0, 16, step=8), 8),
+    (optuna.distributions.CategoricalDistribution([16, 32, 64]), 32),
+    (optuna.distributions.CategoricalDistribution(["sparse", "full"]), "sparse"),
+])
+def test_centre_of_each_kind_of_range(distribution, middle):
+    got = centre(distribution)
+    assert got == pytest.approx(middle) and distribution._contains(distribution.to_internal_repr(got))
+
+
+@pytest.mark.parametrize("cell_start", ["centre", "sampled"])
+def test_each_cells_first_trial_starts_at_the_centre_of_every_nuisance_range(folder, cell_start):
+    """The first round compares the cells at one shared setting; later trials are drawn (and every
+    trial of the first round, enqueued trials of the second waiting meanwhile, counts as a first)."""
+    cells = SPACES["selective_ft"].cells("tiny")
+    s = searcher(folder, "selective_ft", per_cell=2, num_samples=len(cells) * 2, cell_start=cell_start)
+    seen = [s.suggest(f"t{i}") for i in range(len(cells) * 2)]
+    middle = {"lr_head": 1e-3, "lr_lora": math.sqrt(1e-5 * 1e-2), "aug_strength": 0.5, "head_dropout": 0.25,
+              "weight_decay": math.sqrt(1e-6 * 1e-1), "gcn_width": 32, "mlp_width": 256, "gcn_graph": "sparse",
+              "lora_rank": LORA_RANKS[1]}
+
+    def at_centre(c):
+        stages = [k for k in c if k.startswith("lr_") and k not in middle]  # lr_<stage group>: [1e-6, 1e-3]
+        return all(c[k] == pytest.approx(v) for k, v in middle.items() if k in c) and \
+            all(c[k] == pytest.approx(math.sqrt(1e-6 * 1e-3)) for k in stages)
+
+    first, second = seen[:len(cells)], seen[len(cells):]
+    if cell_start == "centre":
+        assert all(at_centre(c) for c in first), [c for c in first if not at_centre(c)]
+    else:
+        assert not any(at_centre(c) for c in first)
+    assert not any(at_centre(c) for c in second)  # drawn: a cell's second trial explores
+    assert all(c["lr_head"] != first[i]["lr_head"] for i, c in enumerate(second))
+
+
+def test_cell_starts_offered_by_the_command_line_are_the_samplers():
+    from search.run import CELL_STARTS
+
+    assert CELL_STARTS == CellwiseSampler.STARTS
+    with pytest.raises(ValueError, match="choose one of centre, sampled"):
+        CellwiseSampler(optuna.samplers.RandomSampler(), ("head",), start="middle")
 
 
 def test_tpe_start_up_and_nsga2_population_follow_the_budget():
