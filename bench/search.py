@@ -1,7 +1,7 @@
 """Search-efficiency benchmark: epochs to a good Pareto front, replayed through the real Tuner.
 
     python bench/search.py [--quick] [--seeds N] [--per-cell K] [--overhead-trials N] [--curves CSV]
-                            [--strategies LIST] [--cell-order rounds|spread|together]
+                            [--strategies LIST] [--cell-order rounds|spread|together] [--subset NAME=V,V ...]
 
 ``bench/data/curves.csv`` holds the per-epoch learning curves of a grid of ``smoke``-like
 configurations trained for real on the synthetic task (``bench/record_curves.py`` made it; its
@@ -189,6 +189,8 @@ class Curves:
             rows = list(csv.DictReader(f))
         for name, values in subset.items():
             rows = [r for r in rows if parse_value(name, r[name]) in values]
+            if not rows:
+                raise ValueError(f"{path}: no configuration with {name} in {values}")
         return cls(rows, str(path))
 
     def cells(self) -> list[dict]:
@@ -562,6 +564,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overhead-trials", type=int, default=None,
                    help="no-op trials per kind (default 4, quick 2; 0 skips)")
     p.add_argument("--curves", type=Path, default=DEFAULT_CURVES)
+    p.add_argument("--subset", action="append", default=[], metavar="NAME=V,V",
+                   help=f"replay part of the grid only, e.g. lr_head=0.0003,0.001 (a table whose centre learning "
+                        f"rate is its worst); NAME among {', '.join(GRID)}; repeatable")
     p.add_argument("--strategies", default=",".join(STRATEGIES),
                    help=f"comma-separated, among {', '.join(STRATEGIES)} (default all; echotune and grid always run: "
                         f"the ratio needs them)")
@@ -578,8 +583,23 @@ def main(argv: list[str] | None = None) -> int:
     strategies = tuple(s for s in STRATEGIES if s in asked | {"echotune", "grid"})
     seeds = list(range(args.seeds or (3 if args.quick else 21)))
     n_overhead = args.overhead_trials if args.overhead_trials is not None else (2 if args.quick else 4)
+    subset = {}
+    for item in args.subset:
+        name, _, values = item.partition("=")
+        valid = ", ".join(f"{k}={','.join(str(v) for v in vs)}" for k, vs in GRID.items())
+        if name in subset:
+            p.error(f"--subset {item!r}: {name} given twice; list its values once, comma-separated")
+        try:
+            subset[name] = [parse_value(name, v.strip()) for v in values.split(",")]
+        except ValueError:
+            subset[name] = [None]
+        if name not in GRID or not values or not set(subset[name]) <= set(GRID[name]):
+            p.error(f"--subset {item!r}: give NAME=V,V from the recorded grid: {valid}")
+    try:
+        curves = Curves.load(args.curves, **subset)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     quiet()
-    curves = Curves.load(args.curves)
     log(f"table: {len(curves.keys)} configurations x {curves.epochs} epochs ({args.curves.name}); "
         f"{len(curves.cells())} cells; grid hypervolume {curves.best_hv:.4f}; "
         f"target {TARGET:.0%}; {len(curves.cells()) * args.per_cell} trials per search")
@@ -608,6 +628,7 @@ def main(argv: list[str] | None = None) -> int:
                   "grid": {k: [str(x) for x in v] for k, v in curves.grid.items()},
                   "grid_total_epochs": len(curves.keys) * curves.epochs},
         "budget_trials": len(curves.cells()) * args.per_cell, "per_cell": args.per_cell,
+        "subset": {k: [str(x) for x in v] for k, v in subset.items()},
         "cell_order": args.cell_order,
         "target": f"{TARGET:.0%} of the grid's hypervolume (trainable/ref_params vs val_px_error, ref (1.0, "
                   f"{REF_ERROR:g} px), ref_params {curves.ref_params:.0f}); only trials that ran all epochs "

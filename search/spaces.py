@@ -15,6 +15,8 @@ trials early only against trials of the same cell (search/study.py, search/sched
 from __future__ import annotations
 
 import copy
+import functools
+import json
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -48,20 +50,21 @@ class Space:
     grid: Callable[[str], dict[str, list] | list[dict]] | None = None
 
     def cells(self, encoder: str) -> list[dict]:
-        """Every combination of the scientific values (the first varies slowest), each value list as
-        the space lists it: the least adapted first (a frozen encoder, then more blocks, full
-        fine-tuning last; MLP before GCN). A search enqueues cells in this order, so the cheaper
-        regimes report first and each costlier trial meets their results at its rungs: the default
-        scheduler pauses one that is no better than a cheaper model at equal epochs
-        (search/schedulers.py). Both ends of the front first, the order before, let full
-        fine-tuning run second, with only the frozen cell to meet (bench/search.py)."""
+        """Every combination of the scientific values (or the grid's list of cells), cheapest first:
+        by the trainable parameters of the cell's model (``cell_cost``), ties in the order the space
+        lists them. A search enqueues cells in this order, so the cheaper regimes report first and
+        each costlier trial meets their results at its rungs: the default scheduler pauses one that
+        is no better than a cheaper model at equal epochs (search/schedulers.py). Both ends of the
+        front first, the order before, let full fine-tuning run second, with only the frozen cell to
+        meet (bench/search.py ``--cell-order spread``)."""
         grid = self.grid(encoder) if self.grid else {}
         if isinstance(grid, list):
-            return [dict(c) for c in grid]
-        cells = [{}]
-        for name in self.scientific:
-            cells = [c | {name: v} for c in cells for v in grid[name]]
-        return cells
+            cells = [dict(c) for c in grid]
+        else:
+            cells = [{}]
+            for name in self.scientific:
+                cells = [c | {name: v} for c in cells for v in grid[name]]
+        return sorted(cells, key=lambda c: cell_cost(c, encoder))
 
     def cell_of(self, params: dict) -> str:
         """A cell's name from a trial's parameters, e.g. ``n_unfrozen=2 head=gcn``."""
@@ -80,6 +83,30 @@ def register_space(name: str, **kwargs):
         SPACES[name] = Space(fn=fn, **kwargs)
         return fn
     return wrap
+
+
+def cell_cost(cell: dict, encoder: str) -> int:
+    """Trainable parameters of a cell's model with the trainer's default options for everything
+    the cell leaves open (head widths, LoRA rank 8): what a trial of the cell reports as
+    ``trainable_params``, up to its nuisance settings. Built as the trainer builds it
+    (``trainables.loop.build_model``), on the meta device: no memory, no weights, milliseconds."""
+    return _cost(encoder, json.dumps(cell, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _cost(encoder: str, cell_json: str) -> int:
+    import torch
+
+    from trainables.config import TrialConfig
+    from trainables.loop import build_model, count_params
+
+    cell = json.loads(cell_json)
+    cfg = apply(cell, {"encoder": {"name": cell.get("encoder", encoder)}})
+    cfg["encoder"].pop("weights", None)
+    cfg["encoder"].pop("weights_sha256", None)
+    with torch.device("meta"):
+        model, _ = build_model(TrialConfig.from_dict(cfg), load_weights=False)
+    return count_params(model)[0]
 
 
 def cell_key(params: dict, scientific: tuple[str, ...]) -> str:

@@ -43,6 +43,25 @@ def test_curves_csv_is_small_complete_and_has_the_expected_columns():
     assert curves.best_hv > 0
 
 
+def test_cells_are_ordered_by_the_trainable_parameters_their_trials_report():
+    """search.spaces.cell_cost (meta device) against what the recorded trials reported, and the
+    benchmark's space enqueues its cells in that order."""
+    b = load_bench()
+    from search.spaces import SPACES, cell_cost
+
+    curves = b.Curves.load(CURVES)
+    for key, curve in curves.curves.items():
+        cell = {name: curves.params[key][name] for name in b.SCIENTIFIC}
+        assert cell_cost(cell, "tiny") == curve[0]["trainable_params"], key
+    try:
+        cells = b.register(curves).cells("tiny")
+    finally:
+        SPACES.pop(b.SPACE_NAME, None)
+    reported = [cell_cost(c, "tiny") for c in cells]
+    assert reported == sorted(reported) and len(cells) == 8
+    assert [(c["n_unfrozen"], c["head"]) for c in cells[:4]] == [(0, "mlp"), (0, "gcn"), (1, "mlp"), (2, "mlp")]
+
+
 def test_cost_counts_epochs_until_the_target_and_charges_a_miss_everything():
     b = load_bench()
     curves = b.Curves.load(CURVES, n_unfrozen=[0, "all"], lr_head=[1e-3], aug_strength=[0.0])
@@ -98,7 +117,6 @@ def test_every_strategy_replays_through_the_real_tuner(ray_instance, tmp_path):
         # each cell's first trial at the centre: the one learning rate, the first augmentation strength
         assert sorted(key for key, _ in echotune["runs"]) == sorted(f"{c}-lr0.001-aug0" for c in
                                                                     ("k0-mlp", "k0-gcn", "kall-mlp", "kall-gcn"))
-        assert echotune["runs"][0][0] == "k0-mlp-lr0.001-aug0"  # cheapest first
         # each cell once; a cell's first trial is never stopped by its own ASHA ...
         assert cells["completed"] == 4 and cells["total_epochs"] == 4 * E and cells["deferred"] == 0
         # ... and by default, a dominated one is paused and resumed after the others: it loses no epoch
@@ -128,4 +146,24 @@ def test_spread_order_is_the_order_before_cheapest_first():
     finally:
         b.CELL_ORDER[0] = "rounds"
     assert [p["n_unfrozen"] for p in points[:8:2]] == [0, "all", 1, 2] and points[8:] == points[:8]
-    assert b.ordered_points(cells, 2) == cells + cells  # search.run's: cheapest first, in rounds
+
+
+@pytest.mark.parametrize("bad", ["lr_head=0.0005", "depth=1", "lr_head=fast", "aug_strength="])
+def test_a_bad_subset_names_the_recorded_grid(bad, capsys):
+    b = load_bench()
+    with pytest.raises(SystemExit) as exit_:
+        b.main(["--subset", bad, "--seeds", "1", "--overhead-trials", "0"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and repr(bad) in err and "lr_head=0.0003,0.001,0.003" in err
+
+
+def test_a_subset_given_twice_or_absent_from_a_table_is_refused(tmp_path, capsys):
+    b = load_bench()
+    with pytest.raises(SystemExit):
+        b.main(["--subset", "lr_head=0.001", "--subset", "lr_head=0.003", "--overhead-trials", "0"])
+    assert "lr_head given twice" in capsys.readouterr().err
+    table = tmp_path / "curves.csv"  # a table recorded without lr_head 0.003
+    table.write_text("".join(line for line in CURVES.read_text().splitlines(keepends=True) if "lr0.003" not in line))
+    with pytest.raises(SystemExit):
+        b.main(["--curves", str(table), "--subset", "lr_head=0.003", "--overhead-trials", "0"])
+    assert "no configuration with lr_head in [0.003]" in capsys.readouterr().err

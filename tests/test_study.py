@@ -18,7 +18,7 @@ from ray.tune.search import Searcher
 
 from search import journal
 from search.schedulers import StratifiedASHA
-from search.spaces import LORA_RANKS, SPACES, SpaceFn
+from search.spaces import LORA_RANKS, SPACES, SpaceFn, cell_cost
 from search.study import (FAIL_REASON, TUNE_TRIAL_ID, CellwiseSampler, TruthfulOptunaSearch, cell_points, centre,
                           make_sampler, study_url)
 
@@ -68,9 +68,14 @@ def test_every_space_declares_a_grid_over_its_scientific_parameters(space):
 
 def test_every_cell_is_tried_before_the_sampler_exploits_cheapest_first(folder):
     cells = SPACES["selective_ft"].cells("echoprime")
-    ks = [c.get("n_unfrozen", c.get("lora_last")) for c in cells[::2]]
-    assert ks == [0, 1, 2, 4, 8, 16, "all", 2, 4, 16]  # frozen first, full fine-tuning last; then LoRA depths
-    assert [c["head"] for c in cells[:2]] == ["mlp", "gcn"]
+    costs = [cell_cost(c, "echoprime") for c in cells]
+    assert len(cells) == 20 and costs == sorted(costs)
+    depth = [(c["regime"], c.get("n_unfrozen", c.get("lora_last")), c["head"]) for c in cells]
+    assert depth[0] == ("unfreeze", 0, "mlp") and depth[-1] == ("unfreeze", "all", "gcn")
+    # LoRA at any depth trains fewer parameters than one unfrozen MViT block: it is met first
+    assert max(i for i, d in enumerate(depth) if d[0] == "lora") < depth.index(("unfreeze", 1, "mlp"))
+    paper = [(c["encoder"], c["n_unfrozen"]) for c in SPACES["paper"].cells("echoprime")]
+    assert paper.index(("panecho", 0)) < paper.index(("echoprime", 2))  # encoders interleave by cost
     points = cell_points(cells, 2)
     assert points == [c for _ in (0, 1) for c in cells]  # in rounds: every cell once, then every cell again
     cells = SPACES["selective_ft"].cells("tiny")
