@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before the first rung (default 1)")
     g.add_argument("--reduction-factor", type=int, default=2, help="ASHA reduction factor, >= 2 (default 2)")
     g.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="Optuna sampler (default tpe)")
-    g.add_argument("--cell-start", default="centre", choices=CELL_STARTS,
+    g.add_argument("--cell-start", default=None, choices=CELL_STARTS,
                    help="--sampler tpe: a cell's first trial takes every nuisance parameter at the centre of its "
                         "range, e.g. a log-uniform LR in [1e-4, 1e-2] at 1e-3 (centre, the default: the first round "
                         "compares the cells at one shared setting), or draws them (sampled)")
@@ -145,6 +145,9 @@ def check_numbers(args) -> None:
                          f"not {args.reduction_factor}")
     if args.gpus_per_worker is not None and args.gpus_per_worker < 0:
         raise InputError(f"--gpus-per-worker must be 0 or more, not {args.gpus_per_worker}")
+    if args.cell_start and args.sampler != "tpe":
+        raise InputError(f"--cell-start applies to --sampler tpe only; --sampler {args.sampler} draws every trial "
+                         f"itself (leave --cell-start out, or use --sampler tpe)")
 
 
 def resolve_defaults(args, gpus: float) -> list[str]:
@@ -166,6 +169,7 @@ def resolve_defaults(args, gpus: float) -> list[str]:
             from trainables.pretrain import ensure_pretrained
             args.weights = str(ensure_pretrained(args.cache_dir))
             notes.append(f"weights: tiny encoder pretrained on a synthetic pretext task ({args.weights})")
+    args.cell_start = args.cell_start or ("centre" if args.sampler == "tpe" else None)
     notes += resolve_budget(args, gpus)
     args.max_epochs = args.max_epochs or (20 if gpus else 4)
     args.batch_size = args.batch_size or (16 if gpus else 4)
@@ -366,6 +370,8 @@ def resumed_settings(args) -> tuple[dict, journal.Journal]:
         raise InputError(f"no experiment {args.name!r} to resume in {store.describe(exp, args.s3_endpoint)}"
                          + (f"; existing here: {', '.join(existing)}" if existing else ""))
     settings = json.loads((folder / journal.SETTINGS_FILE).read_text())
+    # an experiment from before --cell-start drew its cells' first trials: it goes on so
+    settings.setdefault("cell_start", "sampled" if settings.get("sampler") == "tpe" else None)
     warn_ignored(args, settings)
     note_code_change(settings)
     for key in RESUMED_KEYS:

@@ -24,7 +24,7 @@ dominated trials: median 30 against 34 summed epochs to the target with ASHA by 
 ``--scheduler asha-cells`` now; 22 against 30 with ``--scheduler asha-pareto``).
 ``CellwiseSampler`` tunes nuisance settings within each cell (tuning_playbook: compare scientific
 values, each with its best nuisance settings): a cell's first trial at the centre of every range,
-later ones from what worked in the other cells until the cell has trials of its own.
+later ones from TPE fitted to the whole study until the cell has trials of its own.
 """
 
 from __future__ import annotations
@@ -93,9 +93,11 @@ class _View:
 
 
 def centre(distribution):
-    """The middle of a distribution's range: the geometric mean of a log range, on its step; the
-    middle choice of a categorical one (the lower of two middles: choices are listed from the
-    default or the smallest, e.g. widths [16, 32, 64] -> 32, graphs [sparse, full] -> sparse)."""
+    """The middle of a distribution's range: the geometric mean of a log range, the arithmetic one
+    of a linear range, then the nearest value on its step or integer (a tie goes to the even
+    multiple: Python's round); the middle choice of a categorical one (the lower of two middles:
+    choices are listed from the default or the smallest, e.g. widths [16, 32, 64] -> 32, graphs
+    [sparse, full] -> sparse)."""
     if isinstance(distribution, optuna.distributions.CategoricalDistribution):
         return distribution.choices[(len(distribution.choices) - 1) // 2]
     low, high = distribution.low, distribution.high
@@ -124,9 +126,10 @@ class CellwiseSampler(BaseSampler):
     * other nuisance parameters come from the base sampler fitted to the cell's own trials, as
       soon as the cell holds the base's start-up number of finished trials (TPE's
       ``n_startup_trials``); until then, from the base fitted to the whole study. A cell's next
-      guess at a learning rate is then what worked in the other cells, not a random draw: with a
-      handful of trials per cell, TPE would otherwise never leave its random start-up within a
-      cell (bench/search.py: with 2 per cell, every nuisance setting was random);
+      guess at a learning rate is then what worked in the other cells, not a random draw (after a
+      centre start, once the study holds other values than the centre: the first round holds no
+      contrast), whereas with a handful of trials per cell TPE would never leave its random
+      start-up within a cell (bench/search.py: with 2 per cell, every nuisance setting was random);
     * a trial does not repeat the nuisance parameters of an earlier trial of its cell (categorical
       spaces such as bench/search.py's grid repeat often: 1 trial in 8 there; continuous ones
       hardly ever), unless ``RETRIES`` draws from the base and as many at random all did.
@@ -262,7 +265,7 @@ def make_sampler(name: str, seed: int, *, scientific: tuple[str, ...], per_cell:
         if cell_start == "centre":
             notes.append("each cell's first trial: every nuisance parameter at the centre of its range "
                          "(--cell-start sampled draws it)")
-        return CellwiseSampler(base, scientific, seed, start=cell_start), notes
+        return CellwiseSampler(base, scientific, seed, start=cell_start or "centre"), notes
     if name == "nsga2":
         population = 50
         if population * 2 > num_samples:

@@ -66,7 +66,7 @@ def make_searcher(settings: dict, folder: Path, base: dict):
     sampler, _ = make_sampler(settings["sampler"], settings["seed"], scientific=space.scientific,
                               per_cell=settings["per_cell"], num_samples=settings["num_samples"],
                               n_objectives=2 if multi else 1,
-                              cell_start=settings.get("cell_start", "sampled"))  # (before it existed: drawn)
+                              cell_start=settings.get("cell_start") or "sampled")  # (before it existed: drawn)
     points = cell_points(space.cells(settings["encoder"]), settings["per_cell"])
     if existing_trials(folder, settings["study_name"]):
         points = []  # a study that already exists has its cells enqueued

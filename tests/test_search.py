@@ -117,6 +117,21 @@ def test_searcher_starts_cells_as_the_experiment_recorded(tmp_path, recorded, st
     assert searcher._sampler.start == start
 
 
+@pytest.mark.parametrize("flag, ignored", [("sampled", False), ("centre", True)])
+def test_an_experiment_from_before_cell_start_resumes_drawing(tmp_path, capsys, flag, ignored):
+    """Its cells' first trials were drawn: --cell-start sampled is what it does, centre is ignored."""
+    from search.run import code_version, parser, resumed_settings
+
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "search_config.json").write_text(json.dumps(
+        {"space": "smoke", "sampler": "tpe", "storage": str(tmp_path), "name": "exp", "study_name": "exp-1",
+         "encoder": "tiny", "code": code_version()}))
+    args = parser().parse_args(["--name", "exp", "--storage", str(tmp_path), "--resume", "--cell-start", flag])
+    settings, _ = resumed_settings(args)
+    assert settings["cell_start"] == "sampled"
+    assert ("ignoring --cell-start" in capsys.readouterr().out) == ignored
+
+
 def test_pareto_mask_matches_brute_force():
     rng = np.random.default_rng(0)
     pts = np.round(rng.uniform(0, 10, (60, 2)), 0)  # rounding makes ties
@@ -380,7 +395,9 @@ def test_bad_flags_list_the_valid_choices():
     bad_sampler = run_cli("--sampler", "cmaes")
     assert bad_sampler.returncode == 2 and "tpe" in bad_sampler.stderr and "qmc" in bad_sampler.stderr
     bad_start = run_cli("--cell-start", "middle")
-    assert bad_start.returncode == 2 and "'centre', 'sampled'" in bad_start.stderr
+    assert bad_start.returncode == 2 and "centre" in bad_start.stderr and "sampled" in bad_start.stderr
+    not_tpe = run_cli("--sampler", "random", "--cell-start", "centre")
+    assert not_tpe.returncode == 2 and "--cell-start applies to --sampler tpe only" in not_tpe.stderr
 
 
 def test_missing_data_unreachable_endpoint_and_bad_resume(tmp_path):

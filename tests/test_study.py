@@ -191,13 +191,23 @@ def test_centre_of_each_kind_of_range(distribution, middle):
     assert got == pytest.approx(middle) and distribution._contains(distribution.to_internal_repr(got))
 
 
-@pytest.mark.parametrize("cell_start", ["centre", "sampled"])
-def test_each_cells_first_trial_starts_at_the_centre_of_every_nuisance_range(folder, cell_start):
+@pytest.mark.parametrize("cell_start, told", [("centre", False), ("centre", True), ("sampled", True)])
+def test_each_cells_first_trial_starts_at_the_centre_of_every_nuisance_range(folder, cell_start, told):
     """The first round compares the cells at one shared setting; later trials are drawn (and every
-    trial of the first round, enqueued trials of the second waiting meanwhile, counts as a first)."""
+    trial of the first round, enqueued trials of the second waiting meanwhile, counts as a first).
+    ``told``: each trial ends before the next is asked, as one at a time does, so TPE has a
+    relative search space and the centre comes from ``sample_relative`` too."""
     cells = SPACES["selective_ft"].cells("tiny")
     s = searcher(folder, "selective_ft", per_cell=2, num_samples=len(cells) * 2, cell_start=cell_start)
-    seen = [s.suggest(f"t{i}") for i in range(len(cells) * 2)]
+    sampler, relative = s._sampler, []
+    sample_relative = sampler.sample_relative
+    sampler.sample_relative = lambda st, t, space: relative.append(len(space)) or sample_relative(st, t, space)
+    seen = []
+    for i in range(len(cells) * 2):
+        seen.append(s.suggest(f"t{i}"))
+        if told:
+            s.on_trial_complete(f"t{i}", result(3, 5.0 + (i * 7) % 5))
+    assert (sum(n > 0 for n in relative[:len(cells)]) >= len(cells) - 2) == told  # all but TPE's start-up
     middle = {"lr_head": 1e-3, "lr_lora": math.sqrt(1e-5 * 1e-2), "aug_strength": 0.5, "head_dropout": 0.25,
               "weight_decay": math.sqrt(1e-6 * 1e-1), "gcn_width": 32, "mlp_width": 256, "gcn_graph": "sparse",
               "lora_rank": LORA_RANKS[1]}
@@ -214,6 +224,14 @@ def test_each_cells_first_trial_starts_at_the_centre_of_every_nuisance_range(fol
         assert not any(at_centre(c) for c in first)
     assert not any(at_centre(c) for c in second)  # drawn: a cell's second trial explores
     assert all(c["lr_head"] != first[i]["lr_head"] for i, c in enumerate(second))
+
+
+def test_a_sampler_pickled_before_the_centre_start_goes_on_drawing():
+    import pickle
+
+    old = CellwiseSampler(optuna.samplers.RandomSampler(seed=0), ("head",), seed=0)
+    del old.__dict__["start"]  # as an experiment saved before --cell-start pickled it
+    assert pickle.loads(pickle.dumps(old)).start == "sampled"
 
 
 def test_cell_starts_offered_by_the_command_line_are_the_samplers():
