@@ -106,6 +106,7 @@ SCIENTIFIC = ("n_unfrozen", "head")
 STRATEGIES = ("echotune", "echotune_sampled", "echotune_cells", "echotune_pareto", "asha_tpe", "random", "grid")
 SCHEDULER_FLAG = {"echotune": "asha", "echotune_sampled": "asha", "echotune_cells": "asha-cells",
                   "echotune_pareto": "asha-pareto"}
+QUICK_STRATEGIES = ("echotune", "echotune_sampled", "grid")  # --quick: under 5 minutes
 CELL_START = {"echotune_sampled": "sampled"}  # else search.run's default, --cell-start centre
 DEFAULT_CURVES = Path(__file__).resolve().parent / "data" / "curves.csv"
 REPORTED = ("epoch", "val_px_error", "val_px_error_ed", "val_px_error_es", "val_pct_error", "val_dice_ed",
@@ -556,7 +557,8 @@ def quiet() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="3 seeds, 2 overhead trials (under 5 minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"3 seeds, {', '.join(QUICK_STRATEGIES)} only, 2 overhead trials (under 5 minutes)")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds (default 21, quick 3): the grid's cost to the target ranges from 12 to 150 epochs "
                         "between seeds, so a median over a few seeds says little")
@@ -567,16 +569,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subset", action="append", default=[], metavar="NAME=V,V",
                    help=f"replay part of the grid only, e.g. lr_head=0.0003,0.001 (a table whose centre learning "
                         f"rate is its worst); NAME among {', '.join(GRID)}; repeatable")
-    p.add_argument("--strategies", default=",".join(STRATEGIES),
-                   help=f"comma-separated, among {', '.join(STRATEGIES)} (default all; echotune and grid always run: "
-                        f"the ratio needs them)")
+    p.add_argument("--strategies", default=None,
+                   help=f"comma-separated, among {', '.join(STRATEGIES)} (default all, with --quick "
+                        f"{', '.join(QUICK_STRATEGIES)}; echotune and grid always run: the ratio needs them)")
     p.add_argument("--cell-order", choices=CELL_ORDERS, default="rounds",
                    help="how the echotune searches enqueue cells: rounds (default, as search.run: every cell once, "
                         "cheapest first, then again), spread (the same rounds, frozen and full fine-tuning first, "
                         "then between: the order before) or together (each cell's trials one after another)")
     args = p.parse_args(argv)
     CELL_ORDER[0] = args.cell_order
-    asked = {x.strip() for x in args.strategies.split(",") if x.strip()}
+    chosen = args.strategies or ",".join(QUICK_STRATEGIES if args.quick else STRATEGIES)
+    asked = {x.strip() for x in chosen.split(",") if x.strip()}
     if asked - set(STRATEGIES):
         p.error(f"--strategies: unknown {', '.join(sorted(asked - set(STRATEGIES)))}; choose among "
                 f"{', '.join(STRATEGIES)}")
