@@ -1,13 +1,15 @@
 """Named search spaces: define-by-run functions of an Optuna trial.
 
 Each space suggests its parameters with ``trial.suggest_*`` (plain branches for conditional ones)
-and returns nothing else; it does no I/O and builds no model. ``apply(params, base)`` turns the
+and returns nothing else; it does no I/O and builds no model (``cell_cost`` builds one on the meta
+device, without weights, only to order the cells). ``apply(params, base)`` turns the
 suggested values into a trial config. Every space states its scientific parameters (the effect
 under study), nuisance parameters (tuned away for a fair comparison) and fixed ones
 (tuning_playbook; STYLE.md §8-9), and its scientific *grid*: the values of each scientific
 parameter whose combinations (the cells) the search must compare. The search enqueues every
-cell before the sampler may exploit, tunes the nuisance parameters within each cell, and stops
-trials early only against trials of the same cell (search/study.py, search/schedulers.py).
+cell before the sampler may exploit (cheapest first), tunes the nuisance parameters within each
+cell, stops trials early within their cell and by default pauses one that a cheaper cell's trial
+dominates (search/study.py, search/schedulers.py).
 
 ``python -m search.run --space NAME`` looks names up in ``SPACES``; an unknown name lists them.
 """
