@@ -67,9 +67,9 @@ def make_searcher(settings: dict, folder: Path, base: dict):
                               per_cell=settings["per_cell"], num_samples=settings["num_samples"],
                               n_objectives=2 if multi else 1,
                               cell_start=settings.get("cell_start") or "sampled")  # (before it existed: drawn)
-    points = cell_points(space.cells(settings["encoder"]), settings["per_cell"])
-    if existing_trials(folder, settings["study_name"]):
-        points = []  # a study that already exists has its cells enqueued
+    points = []  # a study that already exists has its cells enqueued (and ordering them builds models)
+    if not existing_trials(folder, settings["study_name"]):
+        points = cell_points(space.cells(settings["encoder"]), settings["per_cell"])
     space_fn = SpaceFn(settings["space"], settings["encoder"], base, weights_map(settings.get("weights")))
     searcher = TruthfulOptunaSearch(space=space_fn, metric=MULTI_METRIC if multi else METRIC,
                                     mode=MULTI_MODE if multi else MODE, sampler=sampler,
