@@ -265,7 +265,7 @@ def make_sampler(name: str, seed: int, *, scientific: tuple[str, ...], per_cell:
         if cell_start == "centre":
             notes.append("each cell's first trial: every nuisance parameter at the centre of its range "
                          "(--cell-start sampled draws it)")
-        return CellwiseSampler(base, scientific, seed, start=cell_start or "centre"), notes
+        return CellwiseSampler(base, scientific, seed, start=cell_start), notes
     if name == "nsga2":
         population = 50
         if population * 2 > num_samples:
