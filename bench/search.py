@@ -594,9 +594,9 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--subset {item!r}: {name} given twice; list its values once, comma-separated")
         try:
             subset[name] = [parse_value(name, v.strip()) for v in values.split(",")]
-        except ValueError:
-            subset[name] = [None]
-        if name not in GRID or not values or not set(subset[name]) <= set(GRID[name]):
+        except ValueError:  # not a number: refused just below, as any value outside the grid
+            subset[name] = []
+        if name not in GRID or not subset[name] or not set(subset[name]) <= set(GRID[name]):
             p.error(f"--subset {item!r}: give NAME=V,V from the recorded grid: {valid}")
     try:
         curves = Curves.load(args.curves, **subset)
